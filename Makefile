@@ -1,0 +1,41 @@
+# The whole set-up on a new machine: `make run` serves the app, `make test` runs the suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: run test bench lint servers clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -e .
+	@# The memcached and Redis clients are extras: the filesystem default works without them.
+	$(PIP) install -e '.[memcached,redis]' || echo "warning: pylibmc/redis not installed; the filesystem and memory stores still work (see README, Install)"
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PIP) install -e '.[memcached,redis,test]'
+	touch $@
+
+run: $(VENV)/.base
+	$(VENV)/bin/gunicorn -c gunicorn.conf.py app:app
+
+servers:
+	@if command -v memcached >/dev/null && command -v redis-server >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq memcached redis-server >/dev/null; \
+	else \
+		echo "make test needs memcached and redis-server: install them (Debian: sudo apt-get install memcached redis-server)"; exit 1; \
+	fi
+
+test: $(VENV)/.test servers
+	$(PY) -m pytest
+
+bench: $(VENV)/.test servers
+	$(PY) bench/bench.py
+
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) instance .pytest_cache

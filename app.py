@@ -1,0 +1,35 @@
+"""The application factory, and ``app`` for ``gunicorn app:app`` and ``flask --app app``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flask import Flask
+
+from commands import counters_cli
+from common import cache, counters
+from routes import api, clients, errors, health, pages
+from settings import ensure_secret_key, load_settings
+
+
+def create_app(overrides: dict[str, Any] | None = None) -> Flask:
+    """Build the app: settings.toml, TALLY_SETTINGS, FLASK_* environment, then ``overrides``.
+
+    Raises ``settings.ConfigError`` (one line naming the key) for any bad setting, before serving.
+    The instance folder is TALLY_INSTANCE_PATH when set, else ./instance beside this file.
+    """
+    app = Flask(__name__, instance_path=os.environ.get("TALLY_INSTANCE_PATH") or None)
+    os.makedirs(app.instance_path, exist_ok=True)
+    load_settings(app, overrides)
+    ensure_secret_key(app)
+    cache.init_app(app)
+    counters.init_app(app)
+    errors.register(app)
+    for blueprint in (pages.bp, api.bp, clients.bp, health.bp):
+        app.register_blueprint(blueprint)
+    app.cli.add_command(counters_cli)
+    return app
+
+
+app = create_app()

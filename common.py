@@ -1,0 +1,10 @@
+"""Extension instances, created without an app: importing this module never talks to a server."""
+
+from flask_caching import Cache
+
+from tally import Counters
+
+#: Flask-Caching, for page caching and any cached value that may expire.
+cache = Cache()
+#: Shared counters: atomic on every backend (Flask-Caching's own ``inc`` is not).
+counters = Counters()

@@ -1,0 +1,34 @@
+"""Gunicorn settings for Tally, from the environment: TALLY_BIND, TALLY_WORKERS, TALLY_THREADS."""
+
+import os
+
+bind = os.environ.get("TALLY_BIND", "127.0.0.1:8000")
+workers = int(os.environ.get("TALLY_WORKERS", "4"))
+threads = int(os.environ.get("TALLY_THREADS", "8"))
+worker_class = "gthread" if threads > 1 else "sync"
+keepalive = 5
+timeout = 30
+graceful_timeout = 10
+accesslog = os.environ.get("TALLY_ACCESS_LOG") or None
+
+
+def on_starting(server):
+    """Build the app in the master before any worker starts.
+
+    A bad setting stops gunicorn here with one clear line, and the memory store is refused under
+    several workers (each would count on its own).  Workers are forked from this master and reuse the
+    app (as with --preload); stores open connections and file descriptors lazily, per process.
+    """
+    from settings import ConfigError
+
+    try:
+        import app
+    except ConfigError as error:
+        raise SystemExit(f"tally: bad configuration: {error}") from None
+    store = app.app.extensions["tally"]
+    if not store.multi_process and server.cfg.workers > 1:
+        raise SystemExit(
+            f"tally: the {store.backend} store keeps counters inside one process, but gunicorn is"
+            f" set to {server.cfg.workers} workers; use TALLY_WORKERS=1 or a shared store"
+            " (FileSystemCache, MemcachedCache, RedisCache)"
+        )

@@ -1,0 +1,1 @@
+"""Blueprints: pages (HTML), api (JSON counters), clients (per-client counters), health."""

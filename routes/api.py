@@ -1,0 +1,51 @@
+"""JSON API of shared counters: ``/api/counters/<name>``."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+from werkzeug.exceptions import BadRequest
+
+from common import counters
+
+from .auth import admin_required
+from .body import json_object
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+
+def counter_response(name: str, value: int, status: int = 200):
+    response = jsonify(name=name, value=value)
+    response.status_code = status
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.get("/counters/<name>")
+def read(name: str):
+    return counter_response(name, counters.get(name))
+
+
+@bp.post("/counters/<name>/incr")
+def incr(name: str):
+    return counter_response(name, counters.incr(name, json_object({"by"}).get("by", 1)))
+
+
+@bp.post("/counters/<name>/decr")
+def decr(name: str):
+    return counter_response(name, counters.decr(name, json_object({"by"}).get("by", 1)))
+
+
+@bp.put("/counters/<name>")
+@admin_required
+def replace(name: str):
+    body = json_object({"value"})
+    if "value" not in body:
+        raise BadRequest('send {"value": <integer>}')
+    return counter_response(name, counters.set(name, body["value"]))
+
+
+@bp.delete("/counters/<name>")
+@admin_required
+def reset(name: str):
+    counters.reset(name)
+    return counter_response(name, 0)

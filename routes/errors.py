@@ -1,0 +1,34 @@
+"""One JSON error shape for every failure: ``{"error": "...", "detail": "..."}`` with its status."""
+
+from __future__ import annotations
+
+from flask import Flask, current_app, jsonify
+from werkzeug.exceptions import HTTPException
+
+from tally import CorruptCounter, StoreUnavailable, TallyError
+
+
+def _json_error(status: int, error: str, detail: str):
+    response = jsonify(error=error, detail=detail)
+    response.status_code = status
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def handle_http_exception(exc: HTTPException):
+    response = _json_error(exc.code or 500, exc.name.lower().replace(" ", "_"), exc.description or "")
+    for name, value in exc.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
+
+
+def handle_tally_error(exc: TallyError):
+    if isinstance(exc, (StoreUnavailable, CorruptCounter)):
+        current_app.logger.error("%s: %s", exc.code, exc)
+    return _json_error(exc.status, exc.code, str(exc))
+
+
+def register(app: Flask) -> None:
+    app.register_error_handler(HTTPException, handle_http_exception)
+    app.register_error_handler(TallyError, handle_tally_error)

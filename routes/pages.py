@@ -1,0 +1,47 @@
+"""The hit-counter page of the original question, made correct: every visit takes the next number."""
+
+from __future__ import annotations
+
+from flask import Blueprint, flash, make_response, redirect, render_template, request, url_for
+from werkzeug.exceptions import BadRequest
+
+from common import counters
+
+from .clients import DEMO_COUNTER, client_counters
+
+bp = Blueprint("pages", __name__)
+
+HITS = "hits"
+
+
+@bp.get("/")
+def index():
+    visitor = counters.incr(HITS)
+    flash(f"You are visitor number {visitor}.")
+    mine = client_counters()
+    response = make_response(
+        render_template(
+            "index.html",
+            hits=visitor,
+            mine=mine.get(DEMO_COUNTER),
+            backend=counters.store.backend,
+        )
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.post("/")
+def act():
+    """The page's buttons (plain forms): change the caller's counter, then show the page again."""
+    action = request.form.get("action")
+    mine = client_counters()
+    if action == "inc":
+        mine.incr(DEMO_COUNTER)
+    elif action == "dec":
+        mine.decr(DEMO_COUNTER)
+    elif action == "reset":
+        mine.reset(DEMO_COUNTER)
+    else:
+        raise BadRequest("action must be inc, dec or reset")
+    return redirect(url_for("pages.index"), code=303)

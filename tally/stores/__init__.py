@@ -1,0 +1,69 @@
+"""Counter stores, one module per backend, chosen once from the Flask-Caching ``CACHE_TYPE``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .base import INT64_MAX, INT64_MIN, CounterStore
+
+__all__ = ["BACKENDS", "INT64_MAX", "INT64_MIN", "CounterStore", "build_store"]
+
+
+def _filesystem(config: Mapping[str, Any]) -> CounterStore:
+    from .filesystem import FileCounterStore
+
+    return FileCounterStore(
+        config["COUNTER_DIR"],
+        fsync=config["COUNTER_FSYNC"],
+        sweep_interval=config["COUNTER_SWEEP_INTERVAL"],
+    )
+
+
+def _memory(config: Mapping[str, Any]) -> CounterStore:
+    from .memory import MemoryCounterStore
+
+    return MemoryCounterStore()
+
+
+def _memcached(config: Mapping[str, Any]) -> CounterStore:
+    from .memcached import MemcachedCounterStore
+
+    return MemcachedCounterStore(
+        config["CACHE_MEMCACHED_SERVERS"],
+        key_prefix=config["COUNTER_KEY_PREFIX"],
+        timeout=config["COUNTER_TIMEOUT"],
+        pool_size=config["COUNTER_POOL_SIZE"],
+    )
+
+
+def _redis(config: Mapping[str, Any]) -> CounterStore:
+    from .redis_store import RedisCounterStore
+
+    return RedisCounterStore(
+        config["CACHE_REDIS_URL"],
+        key_prefix=config["COUNTER_KEY_PREFIX"],
+        timeout=config["COUNTER_TIMEOUT"],
+        pool_size=config["COUNTER_POOL_SIZE"],
+    )
+
+
+#: Flask-Caching backend name -> builder of the counter store that goes with it.
+BACKENDS: dict[str, Callable[[Mapping[str, Any]], CounterStore]] = {
+    "FileSystemCache": _filesystem,
+    "SimpleCache": _memory,
+    "MemcachedCache": _memcached,
+    "RedisCache": _redis,
+}
+
+
+def build_store(config: Mapping[str, Any]) -> CounterStore:
+    """The one place that knows which backend is configured.  ``config`` is already checked."""
+    backend = config["CACHE_TYPE"]
+    try:
+        builder = BACKENDS[backend]
+    except KeyError:
+        raise ValueError(
+            f"CACHE_TYPE {backend!r} has no counter store; use one of {', '.join(BACKENDS)}"
+        ) from None
+    return builder(config)

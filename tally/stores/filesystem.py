@@ -1,0 +1,393 @@
+"""Counters as small files in a directory of one host.
+
+Each counter is one file holding one fixed-size record (magic, value, expiry, CRC-32).  An update takes a
+per-counter thread lock, then an exclusive ``flock`` on the file, reads the record with ``pread`` and
+writes the new one with a single ``pwrite`` at offset 0.  Both locks are needed: a ``flock`` belongs to
+the open file description, so threads sharing this process's long-lived descriptor are not excluded by
+it; the thread lock excludes them.
+
+A file is only ever unlinked (reset, expiry of a per-client counter) under its ``flock`` and after a
+tombstone record has been written into it.  A process still holding a descriptor to the unlinked file
+finds the tombstone when it next takes the lock and reopens the path, so a counter is never split
+between an orphaned inode and a new file.  Descriptors are per process: after a fork the child drops
+those it inherited (their ``flock`` would be shared with the parent's).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import threading
+import time
+import uuid
+import weakref
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ..errors import CorruptCounter, StoreUnavailable
+from ..names import is_client_key
+from .base import CounterStore
+
+RECORD = struct.Struct("<4sqqI")  # magic, value, expires at (unix seconds, 0 = never), CRC-32
+LIVE = b"TLY1"
+GONE = b"TLY0"
+TEMP_PREFIX = ".new-"
+SWEEP_LOCK = ".sweep.lock"
+
+T = TypeVar("T")
+
+
+def pack_record(value: int, expires_at: int = 0, magic: bytes = LIVE) -> bytes:
+    body = struct.pack("<4sqq", magic, value, expires_at)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+class _Handle:
+    """One long-lived descriptor of this process, with the thread lock that guards its use."""
+
+    __slots__ = ("fd", "lock", "closed")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.lock = threading.Lock()
+        self.closed = False
+
+
+class FileCounterStore(CounterStore):
+    """Atomic across every process and thread of one host sharing ``directory``.
+
+    A process killed at any instant leaves each file holding either the old or the new record (one
+    ``pwrite`` of 28 bytes).  With ``fsync`` each update is flushed to disk before it returns, so a
+    power loss keeps every value that was returned.  A truncated or damaged file raises
+    ``CorruptCounter`` for that counter; it is never read as 0.  Disk errors raise ``StoreUnavailable``.
+    Never-expiring counters are never removed by the store; expired per-client counters are removed by a
+    background sweep at most every ``sweep_interval`` seconds.
+    """
+
+    backend = "filesystem"
+    multi_process = True
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        fsync: bool = False,
+        max_open_files: int = 256,
+        sweep_interval: float = 300.0,
+    ) -> None:
+        self.directory = os.path.abspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        self.fsync = fsync
+        self.max_open_files = max_open_files
+        self.sweep_interval = sweep_interval
+        self._start_process_state()
+        ref = weakref.ref(self)
+
+        def forget_inherited_descriptors() -> None:
+            store = ref()
+            if store is not None:
+                store._after_fork_in_child()
+
+        os.register_at_fork(after_in_child=forget_inherited_descriptors)
+
+    # -- descriptors -------------------------------------------------------------------------------
+
+    def _start_process_state(self) -> None:
+        self._handles: OrderedDict[str, _Handle] = OrderedDict()
+        self._handles_lock = threading.Lock()
+        self._next_sweep = time.monotonic() + self.sweep_interval
+        self._sweeping = False
+
+    def _after_fork_in_child(self) -> None:
+        for handle in self._handles.values():
+            try:
+                os.close(handle.fd)
+            except OSError:
+                pass
+        self._start_process_state()
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.directory, key)
+
+    def _handle(self, key: str, create: bool) -> _Handle | None:
+        with self._handles_lock:
+            handle = self._handles.get(key)
+            if handle is not None:
+                self._handles.move_to_end(key)
+                return handle
+        fd = self._open(key, create)
+        if fd is None:
+            return None
+        with self._handles_lock:
+            handle = self._handles.get(key)
+            if handle is not None:
+                os.close(fd)
+                return handle
+            handle = self._handles[key] = _Handle(fd)
+            self._evict_idle_handles()
+            return handle
+
+    def _evict_idle_handles(self) -> None:
+        """Close the least recently used descriptors beyond the bound; skip any in use right now."""
+        excess = len(self._handles) - self.max_open_files
+        for key, handle in list(self._handles.items()):
+            if excess <= 0:
+                break
+            if handle.lock.acquire(blocking=False):
+                try:
+                    os.close(handle.fd)
+                    handle.closed = True
+                    del self._handles[key]
+                    excess -= 1
+                finally:
+                    handle.lock.release()
+
+    def _discard(self, key: str, handle: _Handle) -> None:
+        """Close a descriptor whose file was unlinked; the caller holds ``handle.lock``."""
+        with self._handles_lock:
+            if self._handles.get(key) is handle:
+                del self._handles[key]
+        os.close(handle.fd)
+        handle.closed = True
+
+    def _open(self, key: str, create: bool) -> int | None:
+        path = self._path(key)
+        while True:
+            try:
+                return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if not create:
+                    return None
+            self._create(path)
+
+    def _create(self, path: str) -> None:
+        """Publish a file holding a full zero record, or leave the one another process published."""
+        temp = os.path.join(self.directory, f"{TEMP_PREFIX}{uuid.uuid4().hex}")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, pack_record(0))
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(temp)
+        if self.fsync:
+            self._fsync_directory()
+
+    def _fsync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- records -----------------------------------------------------------------------------------
+
+    def _read(self, fd: int, key: str) -> tuple[int, int] | None:
+        """``(value, expires_at)`` of a live record, ``None`` for a tombstone."""
+        data = os.pread(fd, RECORD.size + 1, 0)
+        if len(data) != RECORD.size:
+            raise CorruptCounter(
+                f"counter {key!r}: file {self._path(key)} holds {len(data)} bytes,"
+                f" expected {RECORD.size}; fix or delete it by hand"
+            )
+        magic, value, expires_at, crc = RECORD.unpack(data)
+        if magic not in (LIVE, GONE) or zlib.crc32(data[:-4]) != crc:
+            raise CorruptCounter(
+                f"counter {key!r}: file {self._path(key)} fails its checksum; fix or delete it by hand"
+            )
+        return None if magic == GONE else (value, expires_at)
+
+    def _write(self, fd: int, value: int, ttl: int | None) -> None:
+        expires_at = int(time.time()) + ttl + 1 if ttl else 0
+        os.pwrite(fd, pack_record(value, expires_at), 0)
+        if self.fsync:
+            os.fdatasync(fd)
+
+    @staticmethod
+    def _is_expired(record: tuple[int, int]) -> bool:
+        return bool(record[1]) and record[1] <= time.time()
+
+    @classmethod
+    def _live_value(cls, record: tuple[int, int] | None) -> int:
+        return 0 if record is None or cls._is_expired(record) else record[0]
+
+    def _locked(
+        self, key: str, create: bool, step: Callable[[int | None, tuple[int, int] | None], T]
+    ) -> T:
+        """Run ``step(fd, record)`` holding the thread lock and the ``flock`` of the counter's file.
+
+        ``fd`` and ``record`` are ``None`` when the file does not exist and ``create`` is false.
+        """
+        try:
+            while True:
+                handle = self._handle(key, create)
+                if handle is None:
+                    return step(None, None)
+                with handle.lock:
+                    if handle.closed:
+                        continue
+                    fcntl.flock(handle.fd, fcntl.LOCK_EX)
+                    try:
+                        record = self._read(handle.fd, key)
+                        if record is None:
+                            self._discard(key, handle)
+                            continue
+                        return step(handle.fd, record)
+                    finally:
+                        if not handle.closed:
+                            fcntl.flock(handle.fd, fcntl.LOCK_UN)
+        except OSError as error:
+            raise StoreUnavailable(f"counter directory {self.directory}: {error}") from error
+
+    # -- the contract ------------------------------------------------------------------------------
+
+    def add(self, key: str, delta: int, ttl: int | None = None) -> int:
+        def step(fd: int | None, record: tuple[int, int] | None) -> int:
+            new = self.check_range(self._live_value(record) + delta)
+            assert fd is not None
+            self._write(fd, new, ttl)
+            return new
+
+        result = self._locked(key, True, step)
+        if ttl:
+            self._maybe_sweep()
+        return result
+
+    def get(self, key: str) -> int:
+        try:
+            while True:
+                handle = self._handle(key, create=False)
+                if handle is None:
+                    return 0
+                with handle.lock:
+                    if handle.closed:
+                        continue
+                    try:
+                        record = self._read(handle.fd, key)
+                    except CorruptCounter:
+                        # A read racing another process's write may see a torn record: read again
+                        # under a shared lock before calling the file damaged.
+                        fcntl.flock(handle.fd, fcntl.LOCK_SH)
+                        try:
+                            record = self._read(handle.fd, key)
+                        finally:
+                            fcntl.flock(handle.fd, fcntl.LOCK_UN)
+                    if record is None:
+                        self._discard(key, handle)
+                        continue
+                    return self._live_value(record)
+        except OSError as error:
+            raise StoreUnavailable(f"counter directory {self.directory}: {error}") from error
+
+    def set(self, key: str, value: int, ttl: int | None = None) -> None:
+        self.check_range(value)
+
+        def step(fd: int | None, _record: tuple[int, int] | None) -> None:
+            assert fd is not None
+            self._write(fd, value, ttl)
+
+        self._locked(key, True, step)
+
+    def delete(self, key: str) -> bool:
+        def step(fd: int | None, record: tuple[int, int] | None) -> bool:
+            if fd is None or record is None:
+                return False
+            self._unlink_locked(key, fd)
+            return not self._is_expired(record)
+
+        return self._locked(key, False, step)
+
+    def _unlink_locked(self, key: str, fd: int) -> None:
+        os.pwrite(fd, pack_record(0, 0, GONE), 0)
+        os.unlink(self._path(key))
+        if self.fsync:
+            os.fdatasync(fd)
+            self._fsync_directory()
+
+    def health(self) -> dict[str, Any]:
+        if not os.path.isdir(self.directory) or not os.access(self.directory, os.W_OK):
+            raise StoreUnavailable(f"counter directory {self.directory} is missing or not writable")
+        return {"directory": self.directory, "fsync": self.fsync}
+
+    def close(self) -> None:
+        with self._handles_lock:
+            for handle in self._handles.values():
+                with handle.lock:
+                    os.close(handle.fd)
+                    handle.closed = True
+            self._handles.clear()
+
+    # -- expiry of per-client counters -------------------------------------------------------------
+
+    def _maybe_sweep(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        with self._handles_lock:
+            if self._sweeping or now < self._next_sweep:
+                return
+            self._sweeping = True
+            self._next_sweep = now + self.sweep_interval
+        threading.Thread(target=self._sweep_in_background, name="tally-sweep", daemon=True).start()
+
+    def _sweep_in_background(self) -> None:
+        try:
+            self.sweep_expired()
+        except OSError:
+            pass  # the next sweep tries again; a counter operation reports disk trouble itself
+        finally:
+            self._sweeping = False
+
+    def sweep_expired(self) -> int:
+        """Remove expired per-client counters (and stale temporary files); return how many.
+
+        Only keys starting with ``@`` are ever opened here: a never-expiring counter cannot be removed.
+        One process of the host sweeps at a time; the others skip.
+        """
+        lock_fd = os.open(
+            os.path.join(self.directory, SWEEP_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0
+            removed = 0
+            now = time.time()
+            with os.scandir(self.directory) as entries:
+                for entry in entries:
+                    if is_client_key(entry.name):
+                        removed += self._remove_if_expired(entry.name, now)
+                    elif entry.name.startswith(TEMP_PREFIX):
+                        if entry.stat().st_mtime < now - 3600:
+                            os.unlink(entry.path)
+            return removed
+        finally:
+            os.close(lock_fd)
+
+    def _remove_if_expired(self, key: str, now: float) -> int:
+        try:
+            fd = os.open(self._path(key), os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return 0
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                record = self._read(fd, key)
+            except CorruptCounter:
+                return 0
+            if record is None or not record[1] or record[1] > now:
+                return 0  # a never-expiring record (no expiry time) is never removed
+            self._unlink_locked(key, fd)
+            return 1
+        finally:
+            os.close(fd)

@@ -1,0 +1,66 @@
+"""Counters in a dict of this process: for development with one process only."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from .base import CounterStore
+
+
+class MemoryCounterStore(CounterStore):
+    """Atomic across the threads of one process (one lock); nothing is shared between processes.
+
+    Gunicorn refuses to start this store with more than one worker (``gunicorn.conf.py``), since every
+    worker would count on its own.  Values are lost when the process ends.
+    """
+
+    backend = "memory"
+    multi_process = False
+    #: Expired per-client entries are dropped at most this often, on a write.
+    sweep_interval = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, tuple[int, float | None]] = {}
+        self._next_sweep = time.monotonic() + self.sweep_interval
+
+    def _current(self, key: str, now: float) -> int:
+        value, expires = self._values.get(key, (0, None))
+        if expires is not None and expires <= now:
+            return 0
+        return value
+
+    def _store(self, key: str, value: int, ttl: int | None, now: float) -> None:
+        self._values[key] = (value, now + ttl if ttl else None)
+        if ttl and now >= self._next_sweep:
+            self._next_sweep = now + self.sweep_interval
+            expired = [k for k, (_, exp) in self._values.items() if exp is not None and exp <= now]
+            for k in expired:
+                del self._values[k]
+
+    def add(self, key: str, delta: int, ttl: int | None = None) -> int:
+        with self._lock:
+            now = time.monotonic()
+            value = self.check_range(self._current(key, now) + delta)
+            self._store(key, value, ttl, now)
+            return value
+
+    def get(self, key: str) -> int:
+        with self._lock:
+            return self._current(key, time.monotonic())
+
+    def set(self, key: str, value: int, ttl: int | None = None) -> None:
+        self.check_range(value)
+        with self._lock:
+            self._store(key, value, ttl, time.monotonic())
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            entry = self._values.pop(key, None)
+            return entry is not None and (entry[1] is None or entry[1] > time.monotonic())
+
+    def health(self) -> dict[str, Any]:
+        with self._lock:
+            return {"keys": len(self._values)}
