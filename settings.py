@@ -59,7 +59,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "TALLY_ADMIN_TOKEN": (lambda v: isinstance(v, str), "a string"),
     "SECRET_KEY": (lambda v: v is None or isinstance(v, (str, bytes)), "a string"),
     "PERMANENT_SESSION_LIFETIME": (
-        lambda v: (_count(v) or isinstance(v, timedelta)),
+        lambda v: _count(v) or isinstance(v, timedelta),
         "a whole number of seconds >= 1",
     ),
     "SESSION_COOKIE_SECURE": (lambda v: isinstance(v, bool), "true or false"),
@@ -85,9 +85,7 @@ def load_settings(app: Flask, overrides: dict[str, Any] | None = None) -> None:
     if app.config["COUNTER_DIR"] == app.config["CACHE_DIR"]:
         raise ConfigError("COUNTER_DIR must not be CACHE_DIR: cachelib deletes files it did not write")
     if isinstance(app.config["PERMANENT_SESSION_LIFETIME"], int):
-        app.config["PERMANENT_SESSION_LIFETIME"] = timedelta(
-            seconds=app.config["PERMANENT_SESSION_LIFETIME"]
-        )
+        app.config["PERMANENT_SESSION_LIFETIME"] = timedelta(seconds=app.config["PERMANENT_SESSION_LIFETIME"])
 
 
 def check_settings(config: dict[str, Any]) -> None:

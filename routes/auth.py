@@ -20,9 +20,7 @@ def admin_required(view: Callable[..., Any]) -> Callable[..., Any]:
         if not token:
             raise Forbidden("admin operations are disabled: set TALLY_ADMIN_TOKEN to enable them")
         scheme, _, offered = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            offered.strip().encode(), token.encode()
-        ):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(offered.strip().encode(), token.encode()):
             raise Unauthorized(
                 "send Authorization: Bearer <TALLY_ADMIN_TOKEN>",
                 www_authenticate='Bearer realm="tally"',

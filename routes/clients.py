@@ -33,7 +33,11 @@ def client_counters() -> ClientCounters:
 
 
 def _text(value: int):
-    return f"counter is {value}", 200, {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store"}
+    return (
+        f"counter is {value}",
+        200,
+        {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store"},
+    )
 
 
 @bp.route("/inc", methods=["GET", "POST"])

@@ -53,7 +53,7 @@ class CounterStore(ABC):
     def health(self) -> dict[str, Any]:
         """Facts about the store for ``/healthz``; raises ``StoreUnavailable`` when unreachable."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - most stores have nothing to release
         """Release connections and descriptors (tests and app teardown)."""
 
     @classmethod

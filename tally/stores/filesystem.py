@@ -15,6 +15,7 @@ those it inherited (their ``flock`` would be shared with the parent's).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import struct
@@ -103,10 +104,8 @@ class FileCounterStore(CounterStore):
 
     def _after_fork_in_child(self) -> None:
         for handle in self._handles.values():
-            try:
+            with contextlib.suppress(OSError):
                 os.close(handle.fd)
-            except OSError:
-                pass
         self._start_process_state()
 
     def _path(self, key: str) -> str:
@@ -220,9 +219,7 @@ class FileCounterStore(CounterStore):
     def _live_value(cls, record: tuple[int, int] | None) -> int:
         return 0 if record is None or cls._is_expired(record) else record[0]
 
-    def _locked(
-        self, key: str, create: bool, step: Callable[[int | None, tuple[int, int] | None], T]
-    ) -> T:
+    def _locked(self, key: str, create: bool, step: Callable[[int | None, tuple[int, int] | None], T]) -> T:
         """Run ``step(fd, record)`` holding the thread lock and the ``flock`` of the counter's file.
 
         ``fd`` and ``record`` are ``None`` when the file does not exist and ``create`` is false.
@@ -367,9 +364,8 @@ class FileCounterStore(CounterStore):
                 for entry in entries:
                     if is_client_key(entry.name):
                         removed += self._remove_if_expired(entry.name, now)
-                    elif entry.name.startswith(TEMP_PREFIX):
-                        if entry.stat().st_mtime < now - 3600:
-                            os.unlink(entry.path)
+                    elif entry.name.startswith(TEMP_PREFIX) and entry.stat().st_mtime < now - 3600:
+                        os.unlink(entry.path)  # left by a process killed while creating a counter
             return removed
         finally:
             os.close(lock_fd)

@@ -1,0 +1,123 @@
+"""Drive a counter route with many concurrent clients and check every returned value.
+
+The experiment behind the original question: N clients each send M increments; with a correct counter
+the values returned are exactly start+1 ... start+N*M, each once.  Used by the tests, the benchmarks and
+``flask counters loadcheck``.  Bounded in requests and time; it stops by itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+
+@dataclass
+class LoadReport:
+    """What the clients got back.  ``values`` holds the value of every 200 response."""
+
+    sent: int = 0
+    values: list[int] = field(default_factory=list)
+    statuses: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> int:
+        return self.statuses.get(200, 0)
+
+    @property
+    def duplicates(self) -> int:
+        return len(self.values) - len(set(self.values))
+
+    def gaps(self, start: int = 0, end: int | None = None) -> int:
+        """How many numbers of start+1 .. end (default start+ok) no response returned."""
+        end = start + self.ok if end is None else end
+        seen = set(self.values)
+        return sum(1 for n in range(start + 1, end + 1) if n not in seen)
+
+    def exact(self, start: int = 0) -> bool:
+        """True when the values are exactly start+1 .. start+sent, each once."""
+        return sorted(self.values) == list(range(start + 1, start + self.sent + 1))
+
+    @property
+    def per_second(self) -> float:
+        return self.sent / self.seconds if self.seconds else 0.0
+
+    def percentile(self, fraction: float) -> float:
+        if not self.latencies:
+            return 0.0
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def run_load(
+    url: str,
+    *,
+    clients: int = 100,
+    requests: int = 30,
+    method: str = "POST",
+    timeout: float = 10.0,
+    deadline: float = 120.0,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> LoadReport:
+    """Send ``clients`` x ``requests`` requests to ``url`` from ``clients`` threads (keep-alive).
+
+    Each request waits at most ``timeout`` s; no request starts after ``deadline`` s.
+    """
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    report = LoadReport()
+    lock = threading.Lock()
+    start_gate = threading.Barrier(clients)
+    stop_at = time.monotonic() + deadline
+    send_headers = {"Content-Type": "application/json", **(headers or {})} if body else dict(headers or {})
+
+    def client() -> None:
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        values, statuses, errors, latencies = [], Counter(), Counter(), []
+        sent = 0
+        with contextlib.suppress(threading.BrokenBarrierError):
+            start_gate.wait(timeout=timeout)
+        for _ in range(requests):
+            if time.monotonic() > stop_at:
+                break
+            sent += 1
+            began = time.perf_counter()
+            try:
+                connection.request(method, path, body=body, headers=send_headers)
+                response = connection.getresponse()
+                payload = response.read()
+                statuses[response.status] += 1
+                if response.status == 200:
+                    values.append(json.loads(payload)["value"])
+                if response.getheader("Connection", "").lower() == "close":
+                    connection.close()
+            except (OSError, http.client.HTTPException, ValueError, KeyError) as error:
+                errors[type(error).__name__] += 1
+                connection.close()
+                connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+            latencies.append(time.perf_counter() - began)
+        connection.close()
+        with lock:
+            report.sent += sent
+            report.values.extend(values)
+            report.statuses.update(statuses)
+            report.errors.update(errors)
+            report.latencies.extend(latencies)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=deadline + timeout + 5)
+    report.seconds = time.perf_counter() - began
+    return report

@@ -1,0 +1,213 @@
+"""Counters in memcached through pylibmc: one or many servers, shared by every app host.
+
+memcached's ``incr``/``decr`` are atomic but unsigned: ``decr`` stops at 0 and ``incr`` wraps past
+2**64-1.  Values are therefore stored with an offset of 2**63, and the store's range is limited to
+[-2**62, 2**62]: the encoded value then stays at least 2**62 away from both ends, so no step (at most
+2**31-1 here, pylibmc's limit for ``incr``) can clamp or wrap, and a step that leaves the range is
+undone by the opposite step and reported as ``Overflow``.  Larger steps go through ``gets``/``cas``.
+
+Failed servers are never taken out of the ring (that would send their keys to another server, where
+the counter would start again from 0): while a server is down its counters answer
+``StoreUnavailable``, and after ``retry_timeout`` (1 s) the client tries it again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pylibmc
+
+from ..errors import Conflict, CorruptCounter, StoreUnavailable
+from .base import CounterStore
+
+OFFSET = 2**63
+#: pylibmc passes the step of incr/decr as a C int.
+FAST_STEP_MAX = 2**31 - 1
+#: memcached reads an expiry above 30 days as a unix timestamp, not a duration.
+RELATIVE_EXPIRY_MAX = 30 * 24 * 3600
+CAS_RETRIES = 50
+#: Errors after which a probe tells a damaged value from a transport failure.
+_AMBIGUOUS = (pylibmc.ClientError, pylibmc.ProtocolError, pylibmc.UnknownReadFailure)
+
+
+def memcached_expiry(ttl: int | None) -> int:
+    """memcached's exptime for a lifetime of ``ttl`` seconds (0: never expires)."""
+    if not ttl:
+        return 0
+    return ttl if ttl <= RELATIVE_EXPIRY_MAX else int(time.time()) + ttl
+
+
+class MemcachedCounterStore(CounterStore):
+    """Atomic across every process and host sharing the servers; one round trip per step.
+
+    Values live only in memcached's memory: a restart of a server, ``flush_all`` (Flask-Caching's
+    ``cache.clear()`` on this backend), or an eviction loses the counters on that server (run memcached
+    with ``-M`` so that it refuses writes rather than evict).  ``health`` reports each server's uptime
+    and evictions, and notes a restart it sees.  An unreachable server raises ``StoreUnavailable``
+    within ``timeout`` seconds.
+    """
+
+    backend = "memcached"
+    multi_process = True
+    min_value = -(2**62)
+    max_value = 2**62
+
+    def __init__(
+        self,
+        servers: list[str],
+        *,
+        key_prefix: str = "tally:",
+        timeout: float = 0.5,
+        pool_size: int = 16,
+        binary: bool = False,
+    ) -> None:
+        self.servers = list(servers)
+        self.key_prefix = key_prefix
+        self.timeout = timeout
+        timeout_ms = max(1, int(timeout * 1000))
+        self._behaviors = {
+            "tcp_nodelay": True,
+            "ketama": True,
+            "cas": True,
+            "connect_timeout": timeout_ms,
+            "_poll_timeout": timeout_ms,
+            "retry_timeout": 1,
+            "dead_timeout": 1,
+        }
+        self._binary = binary
+        client = pylibmc.Client(self.servers, binary=binary, behaviors=self._behaviors)
+        self._pool = pylibmc.ClientPool(client, pool_size)
+        self._started_at: dict[str, float] = {}
+
+    def _key(self, key: str) -> str:
+        return self.key_prefix + key
+
+    @contextmanager
+    def _client(self) -> Iterator[Any]:
+        try:
+            with self._pool.reserve() as client:
+                yield client
+        except pylibmc.NotFound:
+            raise
+        except pylibmc.Error as error:
+            raise StoreUnavailable(f"memcached {', '.join(self.servers)}: {error}") from error
+
+    def _decode(self, key: str, raw: Any) -> int:
+        try:
+            return int(raw) - OFFSET
+        except (TypeError, ValueError):
+            raise CorruptCounter(
+                f"counter {key!r}: memcached holds {raw!r:.40}, not a Tally counter"
+            ) from None
+
+    @staticmethod
+    def _encode(value: int) -> bytes:
+        return str(value + OFFSET).encode()
+
+    def _ambiguous_failure(self, client: Any, key: str, error: Exception) -> Exception:
+        """A non-numeric value and a broken reply raise the same pylibmc errors: look at the value."""
+        try:
+            raw = client.get(self._key(key))
+        except pylibmc.Error:
+            return StoreUnavailable(f"memcached {', '.join(self.servers)}: {error}")
+        if raw is not None:
+            self._decode(key, raw)
+        return StoreUnavailable(f"memcached {', '.join(self.servers)}: {error}")
+
+    # -- the contract ------------------------------------------------------------------------------
+
+    def add(self, key: str, delta: int, ttl: int | None = None) -> int:
+        if abs(delta) > FAST_STEP_MAX:
+            return self._add_with_cas(key, delta, ttl)
+        mkey = self._key(key)
+        with self._client() as client:
+            for _ in range(CAS_RETRIES):
+                try:
+                    raw = client.incr(mkey, delta) if delta > 0 else client.decr(mkey, -delta)
+                except pylibmc.NotFound:
+                    initial = self.check_range(delta)
+                    if client.add(mkey, self._encode(initial), memcached_expiry(ttl)):
+                        return initial
+                    continue  # another client created it first: step again
+                except _AMBIGUOUS as error:
+                    raise self._ambiguous_failure(client, key, error) from error
+                value = raw - OFFSET
+                if not self.min_value <= value <= self.max_value:
+                    if delta > 0:
+                        client.decr(mkey, delta)
+                    else:
+                        client.incr(mkey, -delta)
+                    self.check_range(value)
+                if ttl:
+                    client.touch(mkey, memcached_expiry(ttl))
+                return value
+        raise Conflict(f"counter {key!r} kept disappearing while being created")
+
+    def _add_with_cas(self, key: str, delta: int, ttl: int | None) -> int:
+        mkey = self._key(key)
+        with self._client() as client:
+            for _ in range(CAS_RETRIES):
+                raw, cas_id = client.gets(mkey)
+                if raw is None:
+                    new = self.check_range(delta)
+                    if client.add(mkey, self._encode(new), memcached_expiry(ttl)):
+                        return new
+                    continue
+                new = self.check_range(self._decode(key, raw) + delta)
+                if client.cas(mkey, self._encode(new), cas_id, memcached_expiry(ttl)):
+                    return new
+        raise Conflict(f"counter {key!r} changed under {CAS_RETRIES} attempts to add {delta}")
+
+    def get(self, key: str) -> int:
+        with self._client() as client:
+            raw = client.get(self._key(key))
+        return 0 if raw is None else self._decode(key, raw)
+
+    def set(self, key: str, value: int, ttl: int | None = None) -> None:
+        self.check_range(value)
+        with self._client() as client:
+            if not client.set(self._key(key), self._encode(value), memcached_expiry(ttl)):
+                raise StoreUnavailable(f"memcached refused to store counter {key!r}")
+
+    def delete(self, key: str) -> bool:
+        with self._client() as client:
+            return bool(client.delete(self._key(key)))
+
+    def health(self) -> dict[str, Any]:
+        servers = []
+        for address in self.servers:
+            servers.append(self._server_health(address))
+        if not all(server["reachable"] for server in servers):
+            down = ", ".join(s["address"] for s in servers if not s["reachable"])
+            raise StoreUnavailable(f"memcached server(s) unreachable: {down}")
+        return {"servers": servers}
+
+    def _server_health(self, address: str) -> dict[str, Any]:
+        probe = pylibmc.Client([address], binary=self._binary, behaviors=self._behaviors)
+        try:
+            ((_, stats),) = probe.get_stats()
+        except (pylibmc.Error, ValueError) as error:
+            return {"address": address, "reachable": False, "detail": str(error)}
+        finally:
+            probe.disconnect_all()
+        uptime = int(stats[b"uptime"])
+        evictions = int(stats[b"evictions"])
+        started = time.time() - uptime
+        previous = self._started_at.get(address)
+        restarted = previous is not None and started > previous + 2
+        if previous is None or restarted:
+            self._started_at[address] = started
+        report = {"address": address, "reachable": True, "uptime": uptime, "evictions": evictions}
+        if restarted:
+            report["restarted"] = True
+            report["warning"] = "restarted since last seen: the counters it held were lost"
+        if evictions:
+            report["warning"] = "memcached evicted items: counters may have been lost; run it with -M"
+        return report
+
+    def close(self) -> None:
+        with self._pool.reserve() as client:
+            client.disconnect_all()

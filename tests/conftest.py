@@ -1,0 +1,105 @@
+"""Fixtures: real memcached and redis-server for the session, an app per test on a chosen store."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+
+import pytest
+
+# Set before `app` is imported anywhere, so its module-level app never writes into the source tree.
+os.environ.setdefault("TALLY_INSTANCE_PATH", tempfile.mkdtemp(prefix="tally-test-instance-"))
+
+from tests.servers import Memcached, Redis  # noqa: E402
+
+BACKENDS = {
+    "filesystem": "FileSystemCache",
+    "memory": "SimpleCache",
+    "memcached": "MemcachedCache",
+    "redis": "RedisCache",
+}
+SHARED_BACKENDS = ["filesystem", "memcached", "redis"]
+
+
+@pytest.fixture(scope="session")
+def memcached_server():
+    server = Memcached("memcached").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    server = Redis().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def store_settings(request, tmp_path):
+    """Settings for one backend, isolated per test (own directory or own key prefix)."""
+
+    def settings_for(backend: str) -> dict:
+        settings = {
+            "CACHE_TYPE": BACKENDS[backend],
+            "COUNTER_DIR": str(tmp_path / "counters"),
+            "CACHE_DIR": str(tmp_path / "cache"),
+            "COUNTER_KEY_PREFIX": f"t{uuid.uuid4().hex[:12]}:",
+        }
+        if backend == "memcached":
+            settings["CACHE_MEMCACHED_SERVERS"] = [request.getfixturevalue("memcached_server").address]
+        if backend == "redis":
+            settings["CACHE_REDIS_URL"] = request.getfixturevalue("redis_server").url
+        return settings
+
+    return settings_for
+
+
+def settings_env(settings: dict) -> dict[str, str]:
+    """The same settings as FLASK_* environment variables, for a gunicorn subprocess."""
+    import json
+
+    return {
+        f"FLASK_{key}": value if isinstance(value, str) else json.dumps(value)
+        for key, value in settings.items()
+    }
+
+
+@pytest.fixture
+def make_app(tmp_path, monkeypatch):
+    monkeypatch.setenv("TALLY_INSTANCE_PATH", str(tmp_path / "instance"))
+    from app import create_app
+
+    apps = []
+
+    def make(settings: dict | None = None, **extra):
+        application = create_app(
+            {"TESTING": True, "SECRET_KEY": "test-" + "k" * 40, **(settings or {}), **extra}
+        )
+        apps.append(application)
+        return application
+
+    yield make
+    for application in apps:
+        application.extensions["tally"].close()
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def app(make_app, store_settings, backend):
+    return make_app(store_settings(backend))
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()

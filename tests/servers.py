@@ -1,0 +1,204 @@
+"""Real servers for tests and benchmarks: memcached, redis-server and gunicorn on free loopback ports.
+
+Every process is started here, waited for until it answers, and stopped by its own pid.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode} before listening")
+        try:
+            with socket.create_connection((HOST, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{process.args[0]} did not listen on {HOST}:{port} within {timeout}s")
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    if process.poll() is not None:
+        return
+    try:
+        os.kill(process.pid, signal.SIGCONT)
+        os.kill(process.pid, signal.SIGTERM)
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass
+
+
+class Server:
+    """A server process on a free loopback port; ``start``/``stop``/``pause``/``resume`` by pid."""
+
+    def __init__(self, name: str, port: int | None = None) -> None:
+        self.name = name
+        self.port = port or free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> Server:
+        self.process = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
+        )
+        wait_for_port(self.port, self.process)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its data and its port but answers nothing (a hung server)."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+
+class Memcached(Server):
+    def command(self) -> list[str]:
+        binary = shutil.which("memcached")
+        if binary is None:
+            raise RuntimeError("memcached is not installed: run `make test` (it installs it)")
+        user = ["-u", "root"] if os.geteuid() == 0 else []
+        return [binary, *user, "-l", HOST, "-p", str(self.port), "-U", "0", "-m", "64", "-t", "2"]
+
+
+class Redis(Server):
+    def __init__(self, port: int | None = None) -> None:
+        super().__init__("redis", port)
+        self.data_dir = tempfile.mkdtemp(prefix="tally-redis-")
+
+    def command(self) -> list[str]:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: run `make test` (it installs it)")
+        return [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            HOST,
+            "--save",
+            "",
+            "--dir",
+            self.data_dir,
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--protected-mode",
+            "no",
+        ]
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+
+class Gunicorn(Server):
+    """gunicorn serving ``app`` with the project's gunicorn.conf.py (or plain flags for other apps)."""
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        *,
+        workers: int = 4,
+        threads: int = 8,
+        app: str = "app:app",
+        use_project_config: bool = True,
+        instance_path: str | None = None,
+    ) -> None:
+        super().__init__("gunicorn")
+        self.env = env
+        self.workers = workers
+        self.threads = threads
+        self.app = app
+        self.use_project_config = use_project_config
+        self.instance_path = instance_path or tempfile.mkdtemp(prefix="tally-instance-")
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def command(self) -> list[str]:
+        base = [sys.executable, "-m", "gunicorn"]
+        if self.use_project_config:
+            return [*base, "-c", str(ROOT / "gunicorn.conf.py"), self.app]
+        return [
+            *base,
+            "--bind",
+            self.address,
+            "--workers",
+            str(self.workers),
+            "--threads",
+            str(self.threads),
+            "--pythonpath",
+            str(ROOT / "tests"),
+            self.app,
+        ]
+
+    def start(self) -> Gunicorn:
+        env = {
+            **os.environ,
+            "TALLY_BIND": self.address,
+            "TALLY_WORKERS": str(self.workers),
+            "TALLY_THREADS": str(self.threads),
+            "TALLY_INSTANCE_PATH": self.instance_path,
+            **self.env,
+        }
+        self.log_path = os.path.join(self.instance_path, "gunicorn.log")
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command(), cwd=ROOT, env=env, stdout=log, stderr=log)
+        wait_for_port(self.port, self.process, timeout=30)
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/livez", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"gunicorn on {self.address} did not answer /livez")
+
+    def log_text(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as log:
+            return log.read()
