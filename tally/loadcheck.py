@@ -67,10 +67,13 @@ def run_load(
     deadline: float = 120.0,
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
+    keepalive: bool = True,
 ) -> LoadReport:
-    """Send ``clients`` x ``requests`` requests to ``url`` from ``clients`` threads (keep-alive).
+    """Send ``clients`` x ``requests`` requests to ``url`` from ``clients`` threads.
 
-    Each request waits at most ``timeout`` s; no request starts after ``deadline`` s.
+    With ``keepalive`` each client keeps one connection (so one server process serves it); without,
+    every request opens a new connection, which spreads a client's requests over all the worker
+    processes.  Each request waits at most ``timeout`` s; no request starts after ``deadline`` s.
     """
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
@@ -79,6 +82,8 @@ def run_load(
     start_gate = threading.Barrier(clients)
     stop_at = time.monotonic() + deadline
     send_headers = {"Content-Type": "application/json", **(headers or {})} if body else dict(headers or {})
+    if not keepalive:
+        send_headers["Connection"] = "close"
 
     def client() -> None:
         connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
@@ -98,7 +103,7 @@ def run_load(
                 statuses[response.status] += 1
                 if response.status == 200:
                     values.append(json.loads(payload)["value"])
-                if response.getheader("Connection", "").lower() == "close":
+                if not keepalive or response.getheader("Connection", "").lower() == "close":
                     connection.close()
             except (OSError, http.client.HTTPException, ValueError, KeyError) as error:
                 errors[type(error).__name__] += 1

@@ -193,8 +193,8 @@ class MemcachedCounterStore(CounterStore):
             return {"address": address, "reachable": False, "detail": str(error)}
         finally:
             probe.disconnect_all()
-        uptime = int(stats[b"uptime"])
-        evictions = int(stats[b"evictions"])
+        uptime = int(stats["uptime"])
+        evictions = int(stats["evictions"])
         started = time.time() - uptime
         previous = self._started_at.get(address)
         restarted = previous is not None and started > previous + 2

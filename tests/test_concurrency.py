@@ -1,0 +1,143 @@
+"""Concurrency through real processes: gunicorn workers and threads, real HTTP, real stores.
+
+The same check is run against deliberately naive counters (tests/naive_app.py), which must fail it:
+that is what shows the check can catch a race.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+
+import pytest
+
+from tally.loadcheck import run_load
+from tests.conftest import SHARED_BACKENDS, settings_env
+from tests.servers import Gunicorn
+
+pytestmark = pytest.mark.slow
+
+CLIENTS, REQUESTS = 100, 30
+
+
+@pytest.fixture
+def serve():
+    started: list[Gunicorn] = []
+
+    def start(env: dict[str, str], **options) -> Gunicorn:
+        server = Gunicorn(env, **options)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.mark.parametrize("keepalive", [False, True], ids=["new-connections", "keep-alive"])
+@pytest.mark.parametrize("backend", SHARED_BACKENDS)
+def test_gunicorn_workers_and_threads_return_every_value_once(serve, store_settings, backend, keepalive):
+    """New connections spread each client over all workers; keep-alive piles threads onto one."""
+    server = serve(settings_env(store_settings(backend)), workers=4, threads=8)
+    url = f"{server.url}/api/counters/race/incr"
+    report = run_load(url, clients=CLIENTS, requests=REQUESTS, keepalive=keepalive)
+    assert report.errors == {} and report.ok == CLIENTS * REQUESTS, (report.statuses, report.errors)
+    assert report.duplicates == 0
+    assert report.exact(start=0)
+
+
+@pytest.mark.parametrize("backend", SHARED_BACKENDS)
+def test_two_app_instances_on_one_store_return_every_value_once(serve, store_settings, backend):
+    env = settings_env(store_settings(backend))
+    first = serve(env, workers=2, threads=8)
+    second = serve(env, workers=2, threads=8)
+    reports = {}
+
+    def drive(server: Gunicorn) -> None:
+        reports[server.port] = run_load(
+            f"{server.url}/api/counters/shared/incr",
+            clients=CLIENTS // 2,
+            requests=REQUESTS,
+            keepalive=False,
+        )
+
+    drivers = [threading.Thread(target=drive, args=(server,)) for server in (first, second)]
+    for driver in drivers:
+        driver.start()
+    for driver in drivers:
+        driver.join()
+    values = [v for report in reports.values() for v in report.values]
+    assert all(report.ok == CLIENTS // 2 * REQUESTS for report in reports.values())
+    assert sorted(values) == list(range(1, CLIENTS * REQUESTS + 1))
+    assert all(report.values for report in reports.values())  # both instances really served
+
+
+def test_a_global_variable_loses_the_race(serve):
+    server = serve({}, workers=4, threads=8, app="naive_app:app", use_project_config=False)
+    report = run_load(f"{server.url}/global/race/incr", clients=CLIENTS, requests=REQUESTS, keepalive=False)
+    assert report.ok == CLIENTS * REQUESTS
+    assert report.duplicates > 0
+    assert not report.exact(start=0)
+
+
+def test_flask_caching_inc_on_the_filesystem_loses_the_race(serve, tmp_path):
+    env = {"NAIVE_CACHE_DIR": str(tmp_path / "naive-cache")}
+    server = serve(env, workers=4, threads=8, app="naive_app:app", use_project_config=False)
+    report = run_load(
+        f"{server.url}/cache-inc/race/incr", clients=CLIENTS, requests=REQUESTS, keepalive=False
+    )
+    assert report.ok == CLIENTS * REQUESTS
+    assert report.duplicates > 0
+
+
+def _get(server: Gunicorn, path: str, cookie: str | None = None, method: str = "GET"):
+    """One request on a fresh connection, so that successive requests may reach other workers."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        headers = {"Connection": "close", **({"Cookie": cookie} if cookie else {})}
+        connection.request(method, path, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.getheader("Set-Cookie"), response.read()
+    finally:
+        connection.close()
+
+
+def test_one_clients_counter_stays_consistent_across_workers(serve, store_settings):
+    server = serve(settings_env(store_settings("filesystem")), workers=4, threads=2)
+    pids = {json.loads(_get(server, "/healthz")[2])["pid"] for _ in range(40)}
+    assert len(pids) > 1, "requests on fresh connections should reach several workers"
+    status, set_cookie, body = _get(server, "/api/me/counters/clicks/incr", method="POST")
+    assert status == 200 and json.loads(body)["value"] == 1
+    cookie = set_cookie.split(";", 1)[0]
+    values = [
+        json.loads(_get(server, "/api/me/counters/clicks/incr", cookie, "POST")[2])["value"]
+        for _ in range(60)
+    ]
+    assert values == list(range(2, 62))
+    other = json.loads(_get(server, "/api/me/counters/clicks", method="GET")[2])["value"]
+    assert other == 0  # a client without the cookie has its own counter
+
+
+def test_the_memory_store_refuses_several_workers(store_settings):
+    server = Gunicorn(settings_env(store_settings("memory")), workers=2, threads=2)
+    with pytest.raises(RuntimeError):
+        server.start()
+    server.process.wait(timeout=10)
+    assert server.process.returncode != 0
+    assert "the memory store keeps counters inside one process" in server.log_text()
+
+
+def test_the_memory_store_serves_one_worker(serve, store_settings):
+    server = serve(settings_env(store_settings("memory")), workers=1, threads=8)
+    report = run_load(f"{server.url}/api/counters/race/incr", clients=20, requests=20)
+    assert report.exact(start=0)
+
+
+def test_a_bad_setting_stops_gunicorn_with_one_clear_line(store_settings):
+    env = {**settings_env(store_settings("filesystem")), "FLASK_COUNTER_FSYNC": "yes"}
+    server = Gunicorn(env, workers=2, threads=2)
+    with pytest.raises(RuntimeError):
+        server.start()
+    server.process.wait(timeout=10)
+    assert "tally: bad configuration: setting COUNTER_FSYNC must be true or false" in server.log_text()

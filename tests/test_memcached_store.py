@@ -1,0 +1,151 @@
+"""The memcached store on real servers: one or two of them, failing and coming back."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pylibmc
+import pytest
+
+from tally import CorruptCounter, StoreUnavailable
+from tally.stores.memcached import OFFSET, MemcachedCounterStore
+from tests.servers import Memcached
+
+KEYS = [f"k{i}" for i in range(40)]
+
+
+@pytest.fixture
+def two_servers():
+    servers = [Memcached("memcached").start(), Memcached("memcached").start()]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def where(servers: list[Memcached], key: str) -> list[str]:
+    """The servers whose memory holds ``key`` (asked one by one, with plain clients)."""
+    found = []
+    for server in servers:
+        client = pylibmc.Client([server.address])
+        if client.get(key) is not None:
+            found.append(server.address)
+        client.disconnect_all()
+    return found
+
+
+def wait_until_reachable(store: MemcachedCounterStore, keys: list[str], within: float = 10.0) -> float:
+    """Seconds until every key reads again (each pooled client retries a failed server after
+    ``retry_timeout`` on its own clock); fails the test past ``within``."""
+    began = time.monotonic()
+    while True:
+        try:
+            for key in keys:
+                store.get(key)
+            return time.monotonic() - began
+        except StoreUnavailable:
+            assert time.monotonic() - began < within, "memcached came back but the store did not"
+            time.sleep(0.1)
+
+
+def test_counters_spread_over_two_servers_and_each_is_exact(two_servers):
+    store = MemcachedCounterStore([s.address for s in two_servers], key_prefix="spread:")
+    results: dict[str, list[int]] = {key: [] for key in KEYS}
+    lock = threading.Lock()
+
+    def work() -> None:
+        for key in KEYS:
+            mine = [store.add(key, 1) for _ in range(25)]
+            with lock:
+                results[key].extend(mine)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for key in KEYS:
+        assert sorted(results[key]) == list(range(1, 101)), key
+    homes = {key: where(two_servers, f"spread:{key}") for key in KEYS}
+    assert all(len(home) == 1 for home in homes.values())  # each counter lives on one server
+    assert {home[0] for home in homes.values()} == {s.address for s in two_servers}
+
+
+def test_a_dead_server_is_not_replaced_by_another_one(two_servers):
+    """Ejecting it would send its counters to the other server, where they would restart at 0."""
+    first, second = two_servers
+    store = MemcachedCounterStore([first.address, second.address], key_prefix="eject:")
+    for key in KEYS:
+        store.add(key, 10)
+    on_first = [key for key in KEYS if where(two_servers, f"eject:{key}") == [first.address]]
+    on_second = [key for key in KEYS if key not in on_first]
+    assert on_first and on_second
+    first.pause()
+    try:
+        for _ in range(3):  # well past any failure limit
+            for key in on_first[:3]:
+                with pytest.raises(StoreUnavailable):
+                    store.add(key, 1)
+        for key in on_second:
+            assert store.add(key, 1) == 11
+        assert all(where([second], f"eject:{key}") == [] for key in on_first)
+    finally:
+        first.resume()
+    wait_until_reachable(store, on_first)
+    values = {store.get(key) for key in on_first}
+    assert values <= set(range(10, 20)), values  # kept; steps that timed out may have landed
+
+
+def test_an_unreachable_server_fails_fast_and_service_returns(memcached_server):
+    store = MemcachedCounterStore([memcached_server.address], key_prefix="pause:", timeout=0.3)
+    assert store.add("p", 1) == 1
+    memcached_server.pause()
+    try:
+        began = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            store.add("p", 1)
+        assert time.monotonic() - began < 5  # bounded by the timeout, not the OS's minutes
+        with pytest.raises(StoreUnavailable):
+            store.health()
+    finally:
+        memcached_server.resume()
+    wait_until_reachable(store, ["p"])
+    assert store.add("p", 1) in (2, 3)  # the step that timed out may have been applied when it woke up
+
+
+def test_a_restart_loses_counters_and_health_says_so():
+    server = Memcached("memcached").start()
+    try:
+        store = MemcachedCounterStore([server.address], key_prefix="restart:")
+        store.add("r", 5)
+        assert store.health()["servers"][0]["reachable"]
+        time.sleep(3.1)  # so that the restart is distinguishable from clock noise
+        server.stop()
+        with pytest.raises(StoreUnavailable):
+            store.add("r", 1)
+        server.start()
+        time.sleep(1.2)
+        report = store.health()["servers"][0]
+        assert report["restarted"] is True and "lost" in report["warning"]
+        assert store.get("r") == 0  # memcached keeps nothing across a restart (README)
+    finally:
+        server.stop()
+
+
+def test_a_value_that_is_not_a_counter_is_reported(memcached_server):
+    store = MemcachedCounterStore([memcached_server.address], key_prefix="corrupt:")
+    raw = pylibmc.Client([memcached_server.address])
+    raw.set("corrupt:c", b"not a number")
+    with pytest.raises(CorruptCounter):
+        store.add("c", 1)
+    with pytest.raises(CorruptCounter):
+        store.get("c")
+    assert raw.get("corrupt:c") == b"not a number"
+
+
+def test_values_are_stored_offset_so_negatives_work(memcached_server):
+    store = MemcachedCounterStore([memcached_server.address], key_prefix="offset:")
+    assert store.add("n", -3) == -3
+    raw = pylibmc.Client([memcached_server.address])
+    assert int(raw.get("offset:n")) == OFFSET - 3
+    assert store.add("n", 1) == -2

@@ -1,0 +1,126 @@
+"""Store outages in the middle of real load through gunicorn: only correct 200s or 503s, never a
+guessed or repeated value, and service back without restarting the app."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tally.loadcheck import run_load
+from tests.conftest import settings_env
+from tests.servers import Gunicorn, Memcached, Redis
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT = 0.5
+
+
+def start_store(backend: str):
+    return (Memcached("memcached") if backend == "memcached" else Redis()).start()
+
+
+def settings_for(backend: str, server, tmp_path) -> dict:
+    settings = {
+        "CACHE_TYPE": "MemcachedCache" if backend == "memcached" else "RedisCache",
+        "COUNTER_TIMEOUT": TIMEOUT,
+        "COUNTER_DIR": str(tmp_path / "counters"),
+    }
+    if backend == "memcached":
+        settings["CACHE_MEMCACHED_SERVERS"] = [server.address]
+    else:
+        settings["CACHE_REDIS_URL"] = server.url
+    return settings
+
+
+def status_of(url: str, method: str = "GET") -> tuple[int, dict]:
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def wait_for_200(url: str, method: str = "GET", within: float = 15.0) -> float:
+    began = time.monotonic()
+    while time.monotonic() - began < within:
+        if status_of(url, method)[0] == 200:
+            return time.monotonic() - began
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer 200 within {within}s after the store came back")
+
+
+def load_through(server: Gunicorn, outage, recovery, result: dict) -> None:
+    """Six seconds of load; the outage starts after one and lasts two."""
+
+    def drive() -> None:
+        result["report"] = run_load(
+            f"{server.url}/api/counters/outage/incr",
+            clients=16,
+            requests=100_000,
+            deadline=6.0,
+            timeout=10,
+        )
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    time.sleep(1.0)
+    outage()
+    time.sleep(2.0)
+    recovery()
+    driver.join(timeout=60)
+
+
+@pytest.mark.parametrize(
+    "backend,kind",
+    [("memcached", "hang"), ("redis", "hang"), ("redis", "restart")],
+)
+def test_an_outage_under_load_answers_503_and_never_a_wrong_value(tmp_path, backend, kind):
+    store = start_store(backend)
+    server = Gunicorn(settings_env(settings_for(backend, store, tmp_path)), workers=4, threads=8)
+    try:
+        server.start()
+        if kind == "hang":  # the process stops answering but keeps its data (SIGSTOP / SIGCONT)
+            outage, recovery = store.pause, store.resume
+        else:  # killed and started again on the same port; Redis keeps counters in its AOF
+            outage, recovery = store.stop, store.start
+        result: dict = {}
+        load_through(server, outage, recovery, result)
+        report = result["report"]
+        assert report.errors == {}, report.errors
+        assert set(report.statuses) == {200, 503}, report.statuses
+        assert report.duplicates == 0
+        assert max(report.latencies) < TIMEOUT + 4  # bounded by the store timeout, not the OS's
+        wait_for_200(f"{server.url}/healthz")
+        wait_for_200(f"{server.url}/api/counters/outage")
+        final = status_of(f"{server.url}/api/counters/outage")[1]["value"]
+        # Every 200 carried a value that really was the counter's; a 503 may or may not have counted.
+        assert max(report.values) <= final <= report.sent
+    finally:
+        server.stop()
+        store.stop()
+
+
+def test_a_memcached_restart_answers_503_then_serves_again(tmp_path):
+    store = start_store("memcached")
+    server = Gunicorn(settings_env(settings_for("memcached", store, tmp_path)), workers=2, threads=4)
+    try:
+        server.start()
+        assert status_of(f"{server.url}/api/counters/m/incr", "POST") == (200, {"name": "m", "value": 1})
+        store.stop()
+        status, body = status_of(f"{server.url}/api/counters/m/incr", "POST")
+        assert status == 503 and body["error"] == "store_unavailable"
+        assert status_of(f"{server.url}/healthz")[0] == 503
+        store.start()
+        wait_for_200(f"{server.url}/api/counters/m")
+        wait_for_200(f"{server.url}/healthz")
+        # memcached kept nothing: the counter starts again (README, "Guarantees and limits").
+        assert status_of(f"{server.url}/api/counters/m")[1]["value"] == 0
+    finally:
+        server.stop()
+        store.stop()
