@@ -10,6 +10,9 @@ keepalive = 5
 timeout = 30
 graceful_timeout = 10
 accesslog = os.environ.get("TALLY_ACCESS_LOG") or None
+# gunicorn >= 27 opens a control socket at one fixed path per user; Tally does not use it, and two
+# instances on one host (tests, blue/green) would fight over it.  Older versions ignore this name.
+control_socket_disable = True
 
 
 def on_starting(server):

@@ -13,6 +13,7 @@ from flask import Blueprint, current_app, session
 
 from common import counters
 from tally import ClientCounters
+from tally.names import CLIENT_ID_PATTERN
 
 from .api import counter_response
 from .body import json_object
@@ -25,7 +26,7 @@ DEMO_COUNTER = "counter"
 def client_counters() -> ClientCounters:
     """The caller's counters; gives the caller a client id (and a permanent session) on first use."""
     client_id = session.get("cid")
-    if not isinstance(client_id, str) or len(client_id) != 32:
+    if not isinstance(client_id, str) or not CLIENT_ID_PATTERN.fullmatch(client_id):
         client_id = session["cid"] = secrets.token_hex(16)
     session.permanent = True
     lifetime = int(current_app.permanent_session_lifetime.total_seconds())

@@ -159,18 +159,7 @@ class Gunicorn(Server):
         base = [sys.executable, "-m", "gunicorn"]
         if self.use_project_config:
             return [*base, "-c", str(ROOT / "gunicorn.conf.py"), self.app]
-        return [
-            *base,
-            "--bind",
-            self.address,
-            "--workers",
-            str(self.workers),
-            "--threads",
-            str(self.threads),
-            "--pythonpath",
-            str(ROOT / "tests"),
-            self.app,
-        ]
+        return [*base, "-c", str(ROOT / "tests" / "naive_gunicorn.conf.py"), self.app]
 
     def start(self) -> Gunicorn:
         env = {
