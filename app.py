@@ -9,7 +9,7 @@ from flask import Flask
 
 from commands import counters_cli
 from common import cache, counters
-from routes import api, clients, errors, health, pages
+from routes import api, clients, errors, health, pages, shared
 from settings import ensure_secret_key, load_settings
 
 
@@ -26,7 +26,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     cache.init_app(app)
     counters.init_app(app)
     errors.register(app)
-    for blueprint in (pages.bp, api.bp, clients.bp, health.bp):
+    for blueprint in (pages.bp, api.bp, clients.bp, shared.bp, health.bp):
         app.register_blueprint(blueprint)
     app.cli.add_command(counters_cli)
     return app

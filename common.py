@@ -2,9 +2,11 @@
 
 from flask_caching import Cache
 
-from tally import Counters
+from tally import Counters, SharedValues
 
 #: Flask-Caching, for page caching and any cached value that may expire.
 cache = Cache()
 #: Shared counters: atomic on every backend (Flask-Caching's own ``inc`` is not).
 counters = Counters()
+#: Shared JSON values with an atomic ``update`` (on the store ``counters`` set up).
+shared = SharedValues()

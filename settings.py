@@ -64,6 +64,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     ),
     "SESSION_COOKIE_SECURE": (lambda v: isinstance(v, bool), "true or false"),
     "MAX_CONTENT_LENGTH": (_count, "a number of bytes >= 1"),
+    "VALUE_MAX_BYTES": (lambda v: _count(v) and v <= 1_000_000, "a number of bytes from 1 to 1000000"),
 }
 
 

@@ -8,6 +8,7 @@ from functools import wraps
 from typing import Any
 
 from flask import current_app, request
+from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Forbidden, Unauthorized
 
 
@@ -23,7 +24,7 @@ def admin_required(view: Callable[..., Any]) -> Callable[..., Any]:
         if scheme.lower() != "bearer" or not hmac.compare_digest(offered.strip().encode(), token.encode()):
             raise Unauthorized(
                 "send Authorization: Bearer <TALLY_ADMIN_TOKEN>",
-                www_authenticate='Bearer realm="tally"',
+                www_authenticate=WWWAuthenticate("bearer", {"realm": "tally"}),
             )
         return view(*args, **kwargs)
 

@@ -23,14 +23,19 @@ bp = Blueprint("clients", __name__)
 DEMO_COUNTER = "counter"
 
 
-def client_counters() -> ClientCounters:
-    """The caller's counters; gives the caller a client id (and a permanent session) on first use."""
-    client_id = session.get("cid")
-    if not isinstance(client_id, str) or not CLIENT_ID_PATTERN.fullmatch(client_id):
-        client_id = session["cid"] = secrets.token_hex(16)
+def client_id() -> str:
+    """The caller's random id, kept in the signed session (given on first use)."""
+    cid = session.get("cid")
+    if not isinstance(cid, str) or not CLIENT_ID_PATTERN.fullmatch(cid):
+        cid = session["cid"] = secrets.token_hex(16)
     session.permanent = True
+    return cid
+
+
+def client_counters() -> ClientCounters:
+    """The caller's counters, which expire with the session (PERMANENT_SESSION_LIFETIME)."""
     lifetime = int(current_app.permanent_session_lifetime.total_seconds())
-    return counters.for_client(client_id, lifetime)
+    return counters.for_client(client_id(), lifetime)
 
 
 def _text(value: int):

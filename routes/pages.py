@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from flask import Blueprint, flash, make_response, redirect, render_template, request, url_for
 from werkzeug.exceptions import BadRequest
 
-from common import counters
+from common import counters, shared
 
-from .clients import DEMO_COUNTER, client_counters
+from .clients import DEMO_COUNTER, client_counters, client_id
+
+RECENT_VISITORS = "recent-visitors"
+RECENT_LIMIT = 10
 
 bp = Blueprint("pages", __name__)
 
 HITS = "hits"
+
+
+def remember(ids, me: str) -> list[str]:
+    """The recent-visitors list with ``me`` first, at most RECENT_LIMIT long, each id once."""
+    earlier = [i for i in ids if i != me] if isinstance(ids, list) else []
+    return ([me] + earlier)[:RECENT_LIMIT]
 
 
 @bp.get("/")
@@ -19,12 +30,16 @@ def index():
     visitor = counters.incr(HITS)
     flash(f"You are visitor number {visitor}.")
     mine = client_counters()
+    me = hashlib.sha256(client_id().encode()).hexdigest()[:8]
+    recent = shared.update(RECENT_VISITORS, lambda ids: remember(ids, me), default=[])
     response = make_response(
         render_template(
             "index.html",
             hits=visitor,
             mine=mine.get(DEMO_COUNTER),
             backend=counters.store.backend,
+            recent=recent,
+            me=me,
         )
     )
     response.headers["Cache-Control"] = "no-store"

@@ -3,22 +3,30 @@
 from .errors import (
     Conflict,
     CorruptCounter,
+    CorruptValue,
     InvalidAmount,
     InvalidName,
+    InvalidValue,
     Overflow,
     StoreUnavailable,
     TallyError,
+    ValueTooLarge,
 )
 from .extension import ClientCounters, Counters
+from .values import SharedValues
 
 __all__ = [
     "ClientCounters",
     "Conflict",
     "CorruptCounter",
+    "CorruptValue",
     "Counters",
     "InvalidAmount",
     "InvalidName",
+    "InvalidValue",
     "Overflow",
+    "SharedValues",
     "StoreUnavailable",
     "TallyError",
+    "ValueTooLarge",
 ]

@@ -50,3 +50,24 @@ class CorruptCounter(TallyError):
 
     status = 500
     code = "corrupt_counter"
+
+
+class CorruptValue(TallyError):
+    """The stored bytes of a shared value are damaged or not JSON; reported, never read as missing."""
+
+    status = 500
+    code = "corrupt_value"
+
+
+class InvalidValue(TallyError, ValueError):
+    """A shared value that JSON cannot represent; nothing was written."""
+
+    status = 400
+    code = "invalid_value"
+
+
+class ValueTooLarge(TallyError, ValueError):
+    """A shared value whose encoding exceeds VALUE_MAX_BYTES; nothing was written."""
+
+    status = 413
+    code = "value_too_large"

@@ -13,6 +13,7 @@ import json
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -68,12 +69,14 @@ def run_load(
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
     keepalive: bool = True,
+    body_for: Callable[[int, int], bytes] | None = None,
 ) -> LoadReport:
     """Send ``clients`` x ``requests`` requests to ``url`` from ``clients`` threads.
 
     With ``keepalive`` each client keeps one connection (so one server process serves it); without,
     every request opens a new connection, which spreads a client's requests over all the worker
-    processes.  Each request waits at most ``timeout`` s; no request starts after ``deadline`` s.
+    processes.  ``body_for(client, request)`` gives each request its own JSON body.  Each request
+    waits at most ``timeout`` s; no request starts after ``deadline`` s.
     """
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
@@ -81,23 +84,27 @@ def run_load(
     lock = threading.Lock()
     start_gate = threading.Barrier(clients)
     stop_at = time.monotonic() + deadline
-    send_headers = {"Content-Type": "application/json", **(headers or {})} if body else dict(headers or {})
+    has_body = body is not None or body_for is not None
+    send_headers = (
+        {"Content-Type": "application/json", **(headers or {})} if has_body else dict(headers or {})
+    )
     if not keepalive:
         send_headers["Connection"] = "close"
 
-    def client() -> None:
+    def client(number: int) -> None:
         connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
         values, statuses, errors, latencies = [], Counter(), Counter(), []
         sent = 0
         with contextlib.suppress(threading.BrokenBarrierError):
             start_gate.wait(timeout=timeout)
-        for _ in range(requests):
+        for index in range(requests):
             if time.monotonic() > stop_at:
                 break
             sent += 1
             began = time.perf_counter()
             try:
-                connection.request(method, path, body=body, headers=send_headers)
+                payload_out = body_for(number, index) if body_for else body
+                connection.request(method, path, body=payload_out, headers=send_headers)
                 response = connection.getresponse()
                 payload = response.read()
                 statuses[response.status] += 1
@@ -118,7 +125,7 @@ def run_load(
             report.errors.update(errors)
             report.latencies.extend(latencies)
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(clients)]
     began = time.perf_counter()
     for thread in threads:
         thread.start()

@@ -6,7 +6,7 @@ Never used by the app: only the tests serve this module (``gunicorn naive_app:ap
 import os
 import tempfile
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from flask_caching import Cache
 
 
@@ -42,6 +42,20 @@ def global_incr(name):
 def cache_inc(name):
     """Flask-Caching's own increment on the filesystem backend: a get, then a set."""
     return jsonify(value=cache.cache.inc(name))
+
+
+@app.post("/naive-set/<key>/add")
+def naive_set_add(key):
+    """A shared set through cache.get then cache.set: concurrent adds overwrite each other."""
+    members = set(cache.get(key) or [])
+    members.add(request.get_json()["member"])
+    cache.set(key, sorted(members), timeout=0)
+    return jsonify(value=len(members))
+
+
+@app.get("/naive-set/<key>")
+def naive_set_read(key):
+    return jsonify(value=cache.get(key) or [])
 
 
 @app.get("/livez")

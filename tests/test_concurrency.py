@@ -141,3 +141,40 @@ def test_a_bad_setting_stops_gunicorn_with_one_clear_line(store_settings):
         server.start()
     server.process.wait(timeout=10)
     assert "tally: bad configuration: setting COUNTER_FSYNC must be true or false" in server.log_text()
+
+
+def member_body(client: int, request: int) -> bytes:
+    return json.dumps({"member": f"client{client}-{request}"}).encode()
+
+
+ALL_MEMBERS = sorted(f"client{c}-{r}" for c in range(CLIENTS) for r in range(20))
+
+
+@pytest.mark.parametrize("backend", SHARED_BACKENDS)
+def test_a_shared_set_keeps_every_member_under_concurrent_adds(serve, store_settings, backend):
+    server = serve(settings_env(store_settings(backend)), workers=4, threads=8)
+    report = run_load(
+        f"{server.url}/api/shared/visitors/add",
+        clients=CLIENTS,
+        requests=20,
+        keepalive=False,
+        body_for=member_body,
+    )
+    assert report.errors == {} and report.ok == CLIENTS * 20, (report.statuses, report.errors)
+    status, _, body = _get(server, "/api/shared/visitors")
+    assert status == 200 and json.loads(body)["value"] == ALL_MEMBERS
+
+
+def test_a_naive_get_then_set_loses_members(serve, tmp_path):
+    env = {"NAIVE_CACHE_DIR": str(tmp_path / "naive-cache")}
+    server = serve(env, workers=4, threads=8, app="naive_app:app", use_project_config=False)
+    report = run_load(
+        f"{server.url}/naive-set/visitors/add",
+        clients=CLIENTS,
+        requests=20,
+        keepalive=False,
+        body_for=member_body,
+    )
+    assert report.ok == CLIENTS * 20
+    members = json.loads(_get(server, "/naive-set/visitors")[2])["value"]
+    assert len(members) < len(ALL_MEMBERS)  # concurrent adds overwrote each other

@@ -8,8 +8,8 @@ import time
 import pylibmc
 import pytest
 
-from tally import CorruptCounter, StoreUnavailable
-from tally.stores.memcached import OFFSET, MemcachedCounterStore
+from tally import CorruptCounter, Overflow, StoreUnavailable
+from tally.stores.memcached import FAST_STEP_MAX, OFFSET, MemcachedCounterStore
 from tests.servers import Memcached
 
 KEYS = [f"k{i}" for i in range(40)]
@@ -149,3 +149,33 @@ def test_values_are_stored_offset_so_negatives_work(memcached_server):
     raw = pylibmc.Client([memcached_server.address])
     assert int(raw.get("offset:n")) == OFFSET - 3
     assert store.add("n", 1) == -2
+
+
+def test_encoded_values_never_reach_2_to_the_63():
+    """memcached refuses incr/decr on numbers >= 2**63 whenever a stray "-" follows the item in its
+    slab; every value the store can hold, and every step past its ends, must encode below that."""
+    for value in (MemcachedCounterStore.min_value, 0, MemcachedCounterStore.max_value):
+        for step in (-FAST_STEP_MAX, 0, FAST_STEP_MAX):
+            assert FAST_STEP_MAX < value + step + OFFSET < 2**63
+
+
+def test_counters_keep_counting_after_heavy_traffic_with_dashes(memcached_server):
+    """What once failed at random: cas traffic leaves "-" bytes in the slabs; counters stay countable."""
+    for round_ in range(20):
+        busy = MemcachedCounterStore([memcached_server.address], key_prefix=f"dash{round_}:")
+
+        def append_dashes() -> None:
+            for _ in range(30):
+                busy.update_value("members", lambda data: (data or b"") + b"-a-b-")
+
+        threads = [threading.Thread(target=append_dashes) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        store = MemcachedCounterStore([memcached_server.address], key_prefix=f"count{round_}:")
+        assert [store.add("c", 1) for _ in range(3)] == [1, 2, 3]
+        assert store.add("max", store.max_value) == store.max_value
+        assert store.add("min", store.min_value) == store.min_value
+        with pytest.raises(Overflow):
+            store.add("min", -1)

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import random
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from ..errors import Overflow
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
+#: How many times an optimistic update (memcached cas, Redis WATCH) is tried before ``Conflict``.
+VALUE_RETRIES = 100
+
+
+def pause_after_conflict(attempt: int) -> None:
+    """A short random wait after a lost optimistic update, so that contenders stop colliding in step
+    (at most 20 ms; 100 attempts take well under two seconds)."""
+    time.sleep(random.uniform(0, min(0.0005 * (attempt + 1), 0.02)))
 
 
 class CounterStore(ABC):
-    """Named signed integers, each changed by one atomic step.
+    """Named signed integers, each changed by one atomic step; and shared values (bytes), each
+    replaced or updated by one atomic step.
 
     Keys reaching a store are already validated (``tally.names``): at most 100 characters of
     ``A-Za-z0-9_.-@``, never starting with ``.``.  A key that starts with ``@`` is a per-client counter
@@ -48,6 +60,31 @@ class CounterStore(ABC):
     @abstractmethod
     def delete(self, key: str) -> bool:
         """Remove the key; return whether it existed.  The next ``add`` starts again from 0."""
+
+    # -- shared values: opaque bytes, in a namespace of their own ------------------------------------
+
+    @abstractmethod
+    def get_value(self, key: str) -> bytes | None:
+        """The stored bytes of shared value ``key``, ``None`` when missing or expired."""
+
+    @abstractmethod
+    def set_value(self, key: str, data: bytes, ttl: int | None = None) -> None:
+        """Replace shared value ``key`` as one atomic step (readers see the old or the new bytes)."""
+
+    @abstractmethod
+    def delete_value(self, key: str) -> bool:
+        """Remove shared value ``key``; return whether it existed."""
+
+    @abstractmethod
+    def update_value(
+        self, key: str, change: Callable[[bytes | None], bytes], ttl: int | None = None
+    ) -> bytes:
+        """Replace the bytes of ``key`` by ``change(current)`` as one atomic step; return them.
+
+        No concurrent update is lost.  ``change`` may be called more than once (optimistic stores
+        retry it after a conflict) and must not have side effects; after ``VALUE_RETRIES`` conflicts
+        ``Conflict`` is raised and nothing is written.
+        """
 
     @abstractmethod
     def health(self) -> dict[str, Any]:

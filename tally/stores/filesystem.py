@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..errors import CorruptCounter, StoreUnavailable
+from ..errors import CorruptCounter, CorruptValue, StoreUnavailable
 from ..names import is_client_key
 from .base import CounterStore
 
@@ -37,6 +37,12 @@ LIVE = b"TLY1"
 GONE = b"TLY0"
 TEMP_PREFIX = ".new-"
 SWEEP_LOCK = ".sweep.lock"
+#: Shared values live under ``.values`` (no counter name starts with a dot): the bytes in ``data/``,
+#: replaced whole with ``os.replace``; a lock file per key in ``locks/``, never replaced, to ``flock``.
+VALUES_DIR = ".values"
+VALUE_HEADER = struct.Struct("<qI")  # expires at (unix seconds, 0 = never), CRC-32 of the bytes
+#: Threads of one process serialize updates of a value through one of these locks (by key hash).
+VALUE_LOCK_STRIPES = 64
 
 T = TypeVar("T")
 
@@ -84,6 +90,9 @@ class FileCounterStore(CounterStore):
         self.fsync = fsync
         self.max_open_files = max_open_files
         self.sweep_interval = sweep_interval
+        self.values_directory = os.path.join(self.directory, VALUES_DIR)
+        os.makedirs(os.path.join(self.values_directory, "data"), exist_ok=True)
+        os.makedirs(os.path.join(self.values_directory, "locks"), exist_ok=True)
         self._start_process_state()
         ref = weakref.ref(self)
 
@@ -101,6 +110,7 @@ class FileCounterStore(CounterStore):
         self._handles_lock = threading.Lock()
         self._next_sweep = time.monotonic() + self.sweep_interval
         self._sweeping = False
+        self._value_locks = [threading.Lock() for _ in range(VALUE_LOCK_STRIPES)]
 
     def _after_fork_in_child(self) -> None:
         for handle in self._handles.values():
@@ -309,6 +319,91 @@ class FileCounterStore(CounterStore):
         if self.fsync:
             os.fdatasync(fd)
             self._fsync_directory()
+
+    # -- shared values -----------------------------------------------------------------------------
+
+    def _value_path(self, key: str) -> str:
+        return os.path.join(self.values_directory, "data", key)
+
+    @contextlib.contextmanager
+    def _value_locked(self, key: str):
+        """Hold this key's thread lock stripe and the ``flock`` of its lock file."""
+        with self._value_locks[hash(key) % VALUE_LOCK_STRIPES]:
+            fd = os.open(
+                os.path.join(self.values_directory, "locks", key),
+                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                0o600,
+            )
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
+    def _read_value(self, key: str) -> bytes | None:
+        try:
+            with open(self._value_path(key), "rb") as file:
+                blob = file.read()
+        except FileNotFoundError:
+            return None
+        if len(blob) < VALUE_HEADER.size:
+            raise CorruptValue(f"shared value {key!r}: file is {len(blob)} bytes, too short")
+        expires_at, crc = VALUE_HEADER.unpack_from(blob)
+        data = blob[VALUE_HEADER.size :]
+        if zlib.crc32(data) != crc:
+            raise CorruptValue(f"shared value {key!r}: file {self._value_path(key)} fails its checksum")
+        if expires_at and expires_at <= time.time():
+            return None
+        return data
+
+    def _write_value(self, key: str, data: bytes, ttl: int | None) -> None:
+        expires_at = int(time.time()) + ttl + 1 if ttl else 0
+        temp = os.path.join(self.values_directory, "data", f"{TEMP_PREFIX}{uuid.uuid4().hex}")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(VALUE_HEADER.pack(expires_at, zlib.crc32(data)) + data)
+                if self.fsync:
+                    file.flush()
+                    os.fsync(file.fileno())
+            os.replace(temp, self._value_path(key))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        if self.fsync:
+            self._fsync_directory()
+
+    @contextlib.contextmanager
+    def _disk_errors(self):
+        try:
+            yield
+        except OSError as error:
+            raise StoreUnavailable(f"counter directory {self.directory}: {error}") from error
+
+    def get_value(self, key: str) -> bytes | None:
+        with self._disk_errors():
+            return self._read_value(key)
+
+    def set_value(self, key: str, data: bytes, ttl: int | None = None) -> None:
+        with self._disk_errors(), self._value_locked(key):
+            self._write_value(key, data, ttl)
+
+    def delete_value(self, key: str) -> bool:
+        with self._disk_errors(), self._value_locked(key):
+            existed = self._read_value(key) is not None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._value_path(key))
+            return existed
+
+    def update_value(
+        self, key: str, change: Callable[[bytes | None], bytes], ttl: int | None = None
+    ) -> bytes:
+        """Atomic across the processes and threads of the host: ``change`` runs once, under the lock."""
+        with self._disk_errors(), self._value_locked(key):
+            data = change(self._read_value(key))
+            self._write_value(key, data, ttl)
+            return data
 
     def health(self) -> dict[str, Any]:
         if not os.path.isdir(self.directory) or not os.access(self.directory, os.W_OK):

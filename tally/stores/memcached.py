@@ -1,10 +1,13 @@
 """Counters in memcached through pylibmc: one or many servers, shared by every app host.
 
 memcached's ``incr``/``decr`` are atomic but unsigned: ``decr`` stops at 0 and ``incr`` wraps past
-2**64-1.  Values are therefore stored with an offset of 2**63, and the store's range is limited to
-[-2**62, 2**62]: the encoded value then stays at least 2**62 away from both ends, so no step (at most
-2**31-1 here, pylibmc's limit for ``incr``) can clamp or wrap, and a step that leaves the range is
-undone by the opposite step and reported as ``Overflow``.  Larger steps go through ``gets``/``cas``.
+2**64-1.  Worse, memcached refuses to ``incr``/``decr`` a stored number of 2**63 or more whenever a
+"-" byte happens to lie in the slab memory after the item (its ``safe_strtoull`` scans with
+``strchr``), so such numbers fail at random, depending on earlier traffic.  Values are therefore
+stored with an offset of 2**62, and the range is limited to +-4.6e18: every encoded value lies
+between 1.1e16 and 2**63 - 1.1e16, so no step (at most 2**31-1 here, pylibmc's limit for ``incr``)
+can clamp, wrap or reach 2**63, and a step that leaves the range is undone by the opposite step and
+reported as ``Overflow``.  Larger steps go through ``gets``/``cas``.
 
 Failed servers are never taken out of the ring (that would send their keys to another server, where
 the counter would start again from 0): while a server is down its counters answer
@@ -14,16 +17,17 @@ the counter would start again from 0): while a server is down its counters answe
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pylibmc
 
 from ..errors import Conflict, CorruptCounter, StoreUnavailable
-from .base import CounterStore
+from .base import VALUE_RETRIES, CounterStore, pause_after_conflict
 
-OFFSET = 2**63
+OFFSET = 2**62
+LIMIT = 4_600_000_000_000_000_000
 #: pylibmc passes the step of incr/decr as a C int.
 FAST_STEP_MAX = 2**31 - 1
 #: memcached reads an expiry above 30 days as a unix timestamp, not a duration.
@@ -52,8 +56,8 @@ class MemcachedCounterStore(CounterStore):
 
     backend = "memcached"
     multi_process = True
-    min_value = -(2**62)
-    max_value = 2**62
+    min_value = -LIMIT
+    max_value = LIMIT
 
     def __init__(
         self,
@@ -175,6 +179,42 @@ class MemcachedCounterStore(CounterStore):
     def delete(self, key: str) -> bool:
         with self._client() as client:
             return bool(client.delete(self._key(key)))
+
+    # -- shared values: gets/cas -------------------------------------------------------------------
+
+    def _value_key(self, key: str) -> str:
+        return f"{self.key_prefix}={key}"  # "=" starts no counter name: a namespace of its own
+
+    def get_value(self, key: str) -> bytes | None:
+        with self._client() as client:
+            return client.get(self._value_key(key))
+
+    def set_value(self, key: str, data: bytes, ttl: int | None = None) -> None:
+        with self._client() as client:
+            if not client.set(self._value_key(key), data, memcached_expiry(ttl)):
+                raise StoreUnavailable(f"memcached refused to store shared value {key!r}")
+
+    def delete_value(self, key: str) -> bool:
+        with self._client() as client:
+            return bool(client.delete(self._value_key(key)))
+
+    def update_value(
+        self, key: str, change: Callable[[bytes | None], bytes], ttl: int | None = None
+    ) -> bytes:
+        """``gets``, ``change``, then ``cas`` (or ``add`` for a new key), retried on conflict."""
+        mkey = self._value_key(key)
+        with self._client() as client:
+            for attempt in range(VALUE_RETRIES):
+                current, cas_id = client.gets(mkey)
+                data = change(current)
+                if current is None:
+                    stored = client.add(mkey, data, memcached_expiry(ttl))
+                else:
+                    stored = client.cas(mkey, data, cas_id, memcached_expiry(ttl))
+                if stored:
+                    return data
+                pause_after_conflict(attempt)
+        raise Conflict(f"shared value {key!r} changed under {VALUE_RETRIES} attempts to update it")
 
     def health(self) -> dict[str, Any]:
         servers = []

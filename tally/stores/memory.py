@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .base import CounterStore
@@ -24,6 +25,7 @@ class MemoryCounterStore(CounterStore):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._values: dict[str, tuple[int, float | None]] = {}
+        self._shared: dict[str, tuple[bytes, float | None]] = {}
         self._next_sweep = time.monotonic() + self.sweep_interval
 
     def _current(self, key: str, now: float) -> int:
@@ -60,6 +62,34 @@ class MemoryCounterStore(CounterStore):
         with self._lock:
             entry = self._values.pop(key, None)
             return entry is not None and (entry[1] is None or entry[1] > time.monotonic())
+
+    def _live_shared(self, key: str, now: float) -> bytes | None:
+        data, expires = self._shared.get(key, (None, None))
+        return None if expires is not None and expires <= now else data
+
+    def get_value(self, key: str) -> bytes | None:
+        with self._lock:
+            return self._live_shared(key, time.monotonic())
+
+    def set_value(self, key: str, data: bytes, ttl: int | None = None) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._shared[key] = (data, now + ttl if ttl else None)
+
+    def delete_value(self, key: str) -> bool:
+        with self._lock:
+            existed = self._live_shared(key, time.monotonic()) is not None
+            self._shared.pop(key, None)
+            return existed
+
+    def update_value(
+        self, key: str, change: Callable[[bytes | None], bytes], ttl: int | None = None
+    ) -> bytes:
+        with self._lock:
+            now = time.monotonic()
+            data = change(self._live_shared(key, now))
+            self._shared[key] = (data, now + ttl if ttl else None)
+            return data
 
     def health(self) -> dict[str, Any]:
         with self._lock:

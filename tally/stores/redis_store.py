@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -10,8 +10,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..errors import CorruptCounter, Overflow, StoreUnavailable
-from .base import CounterStore
+from ..errors import Conflict, CorruptCounter, Overflow, StoreUnavailable
+from .base import VALUE_RETRIES, CounterStore, pause_after_conflict
 
 
 class RedisCounterStore(CounterStore):
@@ -89,6 +89,43 @@ class RedisCounterStore(CounterStore):
     def delete(self, key: str) -> bool:
         with self._errors(key):
             return bool(self._redis.delete(self._key(key)))
+
+    # -- shared values: WATCH / MULTI / EXEC --------------------------------------------------------
+
+    def _value_key(self, key: str) -> str:
+        return f"{self.key_prefix}={key}"  # "=" starts no counter name: a namespace of its own
+
+    def get_value(self, key: str) -> bytes | None:
+        with self._errors(key):
+            return self._redis.get(self._value_key(key))
+
+    def set_value(self, key: str, data: bytes, ttl: int | None = None) -> None:
+        with self._errors(key):
+            self._redis.set(self._value_key(key), data, ex=ttl or None)
+
+    def delete_value(self, key: str) -> bool:
+        with self._errors(key):
+            return bool(self._redis.delete(self._value_key(key)))
+
+    def update_value(
+        self, key: str, change: Callable[[bytes | None], bytes], ttl: int | None = None
+    ) -> bytes:
+        """``WATCH``, read, ``change``, then ``MULTI``/``SET``/``EXEC``, retried when the key moved."""
+        rkey = self._value_key(key)
+        with self._errors(key), self._redis.pipeline(transaction=True) as pipe:
+            for attempt in range(VALUE_RETRIES):
+                try:
+                    pipe.watch(rkey)
+                    data = change(pipe.get(rkey))
+                    pipe.multi()
+                    pipe.set(rkey, data, ex=ttl or None)
+                    pipe.execute()
+                    return data
+                except redis.WatchError:
+                    pause_after_conflict(attempt)
+                finally:
+                    pipe.reset()
+        raise Conflict(f"shared value {key!r} changed under {VALUE_RETRIES} attempts to update it")
 
     def health(self) -> dict[str, Any]:
         with self._errors():

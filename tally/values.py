@@ -1,0 +1,89 @@
+"""``SharedValues``: any small JSON value shared by every worker and host, updated atomically.
+
+The general answer to "how do I share data between requests": a dict, a list of recent visitors, a
+settings blob.  ``update(key, fn)`` applies ``fn`` to the current value and stores the result as one
+atomic step of the configured store (file lock, memcached gets/cas, Redis WATCH/MULTI, a lock in
+memory), so two concurrent updates never lose one another.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from flask import current_app
+
+from .errors import CorruptValue, InvalidValue, ValueTooLarge
+from .names import validate_name
+from .stores import CounterStore
+
+DEFAULT_MAX_BYTES = 65536
+
+
+def _encode(value: Any) -> bytes:
+    try:
+        data = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise InvalidValue(
+            f"shared values must be JSON (dict, list, str, int, float, bool, None): {error}"
+        ) from None
+    encoded = data.encode()
+    limit = current_app.config.get("VALUE_MAX_BYTES", DEFAULT_MAX_BYTES)
+    if len(encoded) > limit:
+        raise ValueTooLarge(f"the value takes {len(encoded)} bytes as JSON; the limit is {limit}")
+    return encoded
+
+
+def _decode(key: str, data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise CorruptValue(f"shared value {key!r} is not valid JSON in the store") from None
+
+
+class SharedValues:
+    """JSON values in the configured store, which ``Counters.init_app`` set up.
+
+    Values are stored as JSON, so a value written by one host is readable by every other and nothing
+    is ever unpickled from the store.  They never expire unless a ``timeout`` (seconds) is given.
+    Errors are ``TallyError``s: ``InvalidName``, ``InvalidValue``, ``ValueTooLarge`` (over
+    ``VALUE_MAX_BYTES``), ``Conflict``, ``StoreUnavailable``, ``CorruptValue``.
+    """
+
+    @property
+    def store(self) -> CounterStore:
+        return current_app.extensions["tally"]
+
+    def get_value(self, key: str, default: Any = None) -> Any:
+        """The current value of ``key``, or ``default`` when it is missing or expired."""
+        data = self.store.get_value(validate_name(key))
+        return default if data is None else _decode(key, data)
+
+    def set_value(self, key: str, value: Any, timeout: int | None = None) -> Any:
+        """Replace the value of ``key``; readers see the old value or the new one, never a mix."""
+        self.store.set_value(validate_name(key), _encode(value), timeout)
+        return value
+
+    def delete_value(self, key: str) -> bool:
+        """Remove ``key``; return whether it existed."""
+        return self.store.delete_value(validate_name(key))
+
+    def update(
+        self, key: str, fn: Callable[[Any], Any], default: Any = None, timeout: int | None = None
+    ) -> Any:
+        """Store ``fn(current)`` (``current`` is ``default`` when missing) as one atomic step; return it.
+
+        No concurrent update is lost, on any store.  ``fn`` may be called more than once: on
+        memcached and Redis a conflicting write makes the update run again on the newer value, so
+        ``fn`` must be a pure function of its argument (no side effects, no counting its calls).
+        After 100 conflicts in a row ``Conflict`` is raised and nothing is written.  ``fn`` gets a
+        fresh copy each time and may change it in place, as long as it returns the new value.
+        """
+        validate_name(key)
+
+        def change(data: bytes | None) -> bytes:
+            current = json.loads(json.dumps(default)) if data is None else _decode(key, data)
+            return _encode(fn(current))
+
+        return _decode(key, self.store.update_value(key, change, timeout))
