@@ -4,7 +4,6 @@ request changes nothing."""
 from __future__ import annotations
 
 import io
-
 import json
 import os
 import re

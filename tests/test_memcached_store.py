@@ -164,11 +164,11 @@ def test_counters_keep_counting_after_heavy_traffic_with_dashes(memcached_server
     for round_ in range(20):
         busy = MemcachedCounterStore([memcached_server.address], key_prefix=f"dash{round_}:")
 
-        def append_dashes() -> None:
+        def append_dashes(store: MemcachedCounterStore) -> None:
             for _ in range(30):
-                busy.update_value("members", lambda data: (data or b"") + b"-a-b-")
+                store.update_value("members", lambda data: (data or b"") + b"-a-b-")
 
-        threads = [threading.Thread(target=append_dashes) for _ in range(8)]
+        threads = [threading.Thread(target=append_dashes, args=(busy,)) for _ in range(8)]
         for thread in threads:
             thread.start()
         for thread in threads:
