@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: run test bench lint servers clean
+.PHONY: run test bench race-report lint servers clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ test: $(VENV)/.test servers
 
 bench: $(VENV)/.test servers
 	$(PY) bench/bench.py
+
+race-report: $(VENV)/.test servers
+	$(PY) bench/race_report.py
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

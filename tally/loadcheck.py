@@ -57,6 +57,29 @@ class LoadReport:
         ordered = sorted(self.latencies)
         return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
+    def out_of_range(self, start: int = 0) -> int:
+        """Values no correct counter could have returned: outside start+1 .. start+sent."""
+        return sum(1 for v in self.values if not start + 1 <= v <= start + self.sent)
+
+    def passed(self, start: int = 0) -> bool:
+        """Every request answered 200 and the values are exactly start+1 .. start+sent."""
+        return self.ok == self.sent > 0 and self.exact(start)
+
+    def summary(self, start: int = 0) -> dict[str, object]:
+        return {
+            "sent": self.sent,
+            "statuses": dict(sorted(self.statuses.items())),
+            "errors": dict(sorted(self.errors.items())),
+            "distinct": len(set(self.values)),
+            "duplicates": self.duplicates,
+            "gaps": self.gaps(start, start + self.sent),
+            "out_of_range": self.out_of_range(start),
+            "per_second": round(self.per_second, 1),
+            "p50_ms": round(self.percentile(0.50) * 1000, 2),
+            "p99_ms": round(self.percentile(0.99) * 1000, 2),
+            "passed": self.passed(start),
+        }
+
 
 def run_load(
     url: str,
@@ -70,16 +93,19 @@ def run_load(
     headers: dict[str, str] | None = None,
     keepalive: bool = True,
     body_for: Callable[[int, int], bytes] | None = None,
+    on_response: Callable[[], None] | None = None,
 ) -> LoadReport:
     """Send ``clients`` x ``requests`` requests to ``url`` from ``clients`` threads.
 
     With ``keepalive`` each client keeps one connection (so one server process serves it); without,
     every request opens a new connection, which spreads a client's requests over all the worker
     processes.  ``body_for(client, request)`` gives each request its own JSON body.  Each request
-    waits at most ``timeout`` s; no request starts after ``deadline`` s.
+    waits at most ``timeout`` s; no request starts after ``deadline`` s.  ``on_response`` is called
+    (from the client threads) after every request, for a progress display.
     """
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
+    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     report = LoadReport()
     lock = threading.Lock()
     start_gate = threading.Barrier(clients)
@@ -92,7 +118,7 @@ def run_load(
         send_headers["Connection"] = "close"
 
     def client(number: int) -> None:
-        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        connection = connection_class(parts.hostname, parts.port, timeout=timeout)
         values, statuses, errors, latencies = [], Counter(), Counter(), []
         sent = 0
         with contextlib.suppress(threading.BrokenBarrierError):
@@ -109,14 +135,19 @@ def run_load(
                 payload = response.read()
                 statuses[response.status] += 1
                 if response.status == 200:
-                    values.append(json.loads(payload)["value"])
+                    value = json.loads(payload)["value"]
+                    if isinstance(value, bool) or not isinstance(value, int):
+                        raise ValueError("the response's value is not an integer")
+                    values.append(value)
                 if not keepalive or response.getheader("Connection", "").lower() == "close":
                     connection.close()
             except (OSError, http.client.HTTPException, ValueError, KeyError) as error:
                 errors[type(error).__name__] += 1
                 connection.close()
-                connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+                connection = connection_class(parts.hostname, parts.port, timeout=timeout)
             latencies.append(time.perf_counter() - began)
+            if on_response is not None:
+                on_response()
         connection.close()
         with lock:
             report.sent += sent

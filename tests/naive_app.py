@@ -1,6 +1,8 @@
-"""Deliberately naive shared counters, to show that the race tests do catch a race.
+"""Deliberately naive shared counters, to show that the race checks do catch a race.
 
-Never used by the app: only the tests serve this module (``gunicorn naive_app:app``).
+Never used by the app: only the tests and ``make race-report`` serve this module
+(``gunicorn naive_app:app`` or ``flask --app naive_app run --with-threads``).  The cache backend is
+the filesystem, or memcached when NAIVE_MEMCACHED_SERVERS (a comma-separated list) is set.
 """
 
 import os
@@ -24,13 +26,18 @@ class SomeObj:
 global_obj = SomeObj(0)
 
 app = Flask(__name__)
-cache = Cache(
-    app,
-    config={
+if os.environ.get("NAIVE_MEMCACHED_SERVERS"):
+    cache_config = {
+        "CACHE_TYPE": "MemcachedCache",
+        "CACHE_MEMCACHED_SERVERS": os.environ["NAIVE_MEMCACHED_SERVERS"].split(","),
+        "CACHE_KEY_PREFIX": "naive:",
+    }
+else:
+    cache_config = {
         "CACHE_TYPE": "FileSystemCache",
         "CACHE_DIR": os.environ.get("NAIVE_CACHE_DIR") or tempfile.mkdtemp(prefix="naive-cache-"),
-    },
-)
+    }
+cache = Cache(app, config=cache_config)
 
 
 @app.post("/global/<name>/incr")
@@ -38,9 +45,17 @@ def global_incr(name):
     return jsonify(value=global_obj.query())
 
 
+@app.post("/cache-getset/<name>/incr")
+def cache_getset(name):
+    """What most answers suggest: read the value from the cache, add one, write it back."""
+    value = (cache.get(name) or 0) + 1
+    cache.set(name, value, timeout=0)
+    return jsonify(value=value)
+
+
 @app.post("/cache-inc/<name>/incr")
 def cache_inc(name):
-    """Flask-Caching's own increment on the filesystem backend: a get, then a set."""
+    """Flask-Caching's own increment: on the filesystem and memcached backends, a get then a set."""
     return jsonify(value=cache.cache.inc(name))
 
 

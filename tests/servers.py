@@ -191,3 +191,28 @@ class Gunicorn(Server):
     def log_text(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as log:
             return log.read()
+
+
+class FlaskDevServer(Gunicorn):
+    """The same app under ``flask run --with-threads``: one process, a thread per request."""
+
+    def command(self) -> list[str]:
+        module = self.app.split(":")[0]
+        return [
+            sys.executable,
+            "-m",
+            "flask",
+            "--app",
+            module,
+            "run",
+            "--with-threads",
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+        ]
+
+    def start(self) -> FlaskDevServer:
+        if not self.use_project_config:  # the naive apps live in tests/
+            self.env = {**self.env, "PYTHONPATH": str(ROOT / "tests")}
+        return super().start()  # type: ignore[return-value]
