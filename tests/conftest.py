@@ -11,7 +11,7 @@ import pytest
 # Set before `app` is imported anywhere, so its module-level app never writes into the source tree.
 os.environ.setdefault("TALLY_INSTANCE_PATH", tempfile.mkdtemp(prefix="tally-test-instance-"))
 
-from tests.servers import Memcached, Redis  # noqa: E402
+from tests.servers import Gunicorn, Memcached, Redis  # noqa: E402
 
 BACKENDS = {
     "filesystem": "FileSystemCache",
@@ -103,3 +103,18 @@ def client(app):
 @pytest.fixture
 def runner(app):
     return app.test_cli_runner()
+
+
+@pytest.fixture
+def serve():
+    """Start gunicorn servers for one test; each is stopped by its pid afterwards."""
+    started: list[Gunicorn] = []
+
+    def start(env: dict[str, str], **options) -> Gunicorn:
+        server = Gunicorn(env, **options)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()

@@ -21,20 +21,6 @@ pytestmark = pytest.mark.slow
 CLIENTS, REQUESTS = 100, 30
 
 
-@pytest.fixture
-def serve():
-    started: list[Gunicorn] = []
-
-    def start(env: dict[str, str], **options) -> Gunicorn:
-        server = Gunicorn(env, **options)
-        started.append(server)
-        return server.start()
-
-    yield start
-    for server in started:
-        server.stop()
-
-
 @pytest.mark.parametrize("keepalive", [False, True], ids=["new-connections", "keep-alive"])
 @pytest.mark.parametrize("backend", SHARED_BACKENDS)
 def test_gunicorn_workers_and_threads_return_every_value_once(serve, store_settings, backend, keepalive):

@@ -1,0 +1,73 @@
+"""``flask counters loadcheck``: it passes a correct counter, catches a racy one, and says why."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import settings_env
+from tests.servers import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def loadcheck(runner, *args: str):
+    return runner.invoke(args=["counters", "loadcheck", *args])
+
+
+@pytest.fixture
+def cli(make_app, store_settings):
+    return make_app(store_settings("filesystem")).test_cli_runner()
+
+
+def test_a_correct_counter_passes_with_exit_0(cli, serve, store_settings):
+    server = serve(settings_env(store_settings("filesystem")), workers=4, threads=8)
+    result = loadcheck(cli, server.url, "--clients", "40", "--requests", "25", "--name", "checked")
+    assert result.exit_code == 0, result.output
+    assert "duplicates       0" in result.output
+    assert "gaps             0 (of 1 .. 1000)" in result.output
+    assert "verdict          OK" in result.output
+
+
+def test_the_start_value_is_read_first(cli, serve, store_settings):
+    server = serve(settings_env(store_settings("filesystem")), workers=2, threads=4)
+    assert loadcheck(cli, server.url, "--clients", "5", "--requests", "4", "--name", "again").exit_code == 0
+    result = loadcheck(cli, server.url, "--clients", "5", "--requests", "4", "--name", "again")
+    assert result.exit_code == 0, result.output
+    assert "start value      20\n" in result.output
+    assert "gaps             0 (of 21 .. 40)" in result.output
+
+
+def test_a_global_variable_fails_with_duplicates_and_exit_1(cli, serve):
+    server = serve({}, workers=4, threads=8, app="naive_app:app", use_project_config=False)
+    result = loadcheck(
+        cli, server.url, "--path", "/global/{name}/incr", "--clients", "50", "--requests", "20"
+    )
+    assert result.exit_code == 1
+    duplicates = int(result.output.split("duplicates")[1].split()[0])
+    assert duplicates > 0
+    assert "FAILED" in result.output
+
+
+def test_connection_errors_are_counted_not_raised(cli):
+    url = f"http://127.0.0.1:{free_port()}"
+    result = loadcheck(cli, url, "--clients", "3", "--requests", "2", "--timeout", "2")
+    assert result.exit_code == 1
+    assert "ConnectionRefusedError: 6" in result.output
+    assert "responses        6 sent; none" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["ftp://example"], "give a base URL such as http://127.0.0.1:8000"),
+        (["127.0.0.1:8000"], "give a base URL"),
+        (["http://127.0.0.1:1", "--path", "no-slash"], "must start with /"),
+        (["http://127.0.0.1:1", "--clients", "0"], "--clients"),
+        (["http://127.0.0.1:1", "--requests", "-5"], "--requests"),
+        (["http://127.0.0.1:1", "--timeout", "0"], "--timeout"),
+    ],
+)
+def test_bad_arguments_get_a_clear_message(cli, args, message):
+    result = loadcheck(cli, *args)
+    assert result.exit_code == 2
+    assert message in result.output
