@@ -1,0 +1,307 @@
+"""``make bench``: Tally's speed, measured side by side with what it is compared against, in one run.
+
+- the helper's counter step (``store.add``) per store, in one process and in four processes on one
+  counter; next to it the raw client's own increment (pylibmc ``incr``, redis-py ``incrby``), the two
+  called in turn and timed call by call;
+- the shared-value ``update`` per store;
+- HTTP: ``POST /api/counters/<name>/incr`` against the bare ``GET /livez`` in the same gunicorn
+  configuration (4 workers x 8 threads), per shared store, driven by wrk (Python clients where wrk is
+  missing) in alternated pairs of runs; the ratio is the median of the pairs' ratios.
+
+Servers run on free loopback ports and are stopped by pid.  Every loop is bounded in time and count.
+Prints a Markdown table; figures vary with the machine, ratios much less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pylibmc  # noqa: E402
+import redis  # noqa: E402
+
+from tally.loadcheck import run_load  # noqa: E402
+from tally.stores.filesystem import FileCounterStore  # noqa: E402
+from tally.stores.memcached import MemcachedCounterStore  # noqa: E402
+from tally.stores.memory import MemoryCounterStore  # noqa: E402
+from tally.stores.redis_store import RedisCounterStore  # noqa: E402
+from tests.servers import Gunicorn, Memcached, Redis  # noqa: E402
+
+MAX_OPS = 5_000_000
+
+
+def rate(operation: Callable[[], object], seconds: float) -> float:
+    """Operations per second of ``operation`` in a loop for ``seconds`` (at most MAX_OPS calls)."""
+    for _ in range(200):  # warm up: open descriptors and connections
+        operation()
+    done = 0
+    began = time.perf_counter()
+    deadline = began + seconds
+    while done < MAX_OPS:
+        for _ in range(100):
+            operation()
+        done += 100
+        if time.perf_counter() >= deadline:
+            break
+    return done / (time.perf_counter() - began)
+
+
+def _fs_worker(directory: str, seconds: float, start_at: float, queue) -> None:
+    store = FileCounterStore(directory)
+    while time.time() < start_at:
+        time.sleep(0.001)
+    queue.put(rate(lambda: store.add("shared", 1), seconds))
+
+
+def fs_four_processes(seconds: float) -> float:
+    """Aggregate steps/s of four processes, each with its own store, on one counter."""
+    directory = tempfile.mkdtemp(prefix="bench-fs4-")
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    start_at = time.time() + 0.5
+    workers = [
+        context.Process(target=_fs_worker, args=(directory, seconds, start_at, queue)) for _ in range(4)
+    ]
+    for worker in workers:
+        worker.start()
+    total = sum(queue.get(timeout=seconds + 60) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=30)
+    return total
+
+
+def interleaved(helper: Callable[[], object], raw: Callable[[], object], seconds: float):
+    """(helper ops/s, raw ops/s, helper/raw): one call of each in turn, each timed on its own, so
+    both see the same moments of a noisy machine (a shared VM drifts by 2x between runs)."""
+    for _ in range(200):
+        helper()
+        raw()
+    helper_time = raw_time = 0.0
+    calls = 0
+    deadline = time.perf_counter() + seconds
+    while calls < MAX_OPS and time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        helper()
+        t1 = time.perf_counter()
+        raw()
+        t2 = time.perf_counter()
+        helper_time += t1 - t0
+        raw_time += t2 - t1
+        calls += 1
+    return calls / helper_time, calls / raw_time, raw_time / helper_time
+
+
+def append_one(data: bytes | None) -> bytes:
+    return b"1" if data is None else str(int(data) + 1).encode()
+
+
+def wrk_rate(url: str, method: str, seconds: int) -> float:
+    """Requests/s that wrk (C, one thread, 32 keep-alive connections) gets from ``url``."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(f'wrk.method = "{method}"\n')
+    command = ["wrk", "-t1", "-c32", f"-d{seconds}s", "-s", script.name, url]
+    output = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60).stdout
+    os.unlink(script.name)
+    if "Non-2xx" in output:
+        raise RuntimeError(f"wrk got errors from {url}:\n{output}")
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
+
+
+def python_rate(url: str, method: str, seconds: int) -> float:
+    """The same with tally.loadcheck's threads, where wrk is not installed (noisier, lower)."""
+    return run_load(url, method=method, clients=32, requests=100_000, deadline=seconds).per_second
+
+
+def paired(first: Callable[[], float], second: Callable[[], float], rounds: int):
+    """Medians of ``first()`` and ``second()`` and of their ratio, measured in adjacent pairs whose
+    order alternates, so that the machine's drifts and the order of runs cancel out."""
+    firsts, seconds, ratios = [], [], []
+    for round_ in range(rounds):
+        if round_ % 2:
+            b_value = second()
+            a_value = first()
+        else:
+            a_value = first()
+            b_value = second()
+        firsts.append(a_value)
+        seconds.append(b_value)
+        ratios.append(a_value / b_value)
+    return statistics.median(firsts), statistics.median(seconds), statistics.median(ratios)
+
+
+def http_pair(env: dict[str, str], rounds: int, seconds: int) -> tuple[float, float, float, bool]:
+    """(counter route req/s, bare route req/s, ratio, values exact) under gunicorn 4x8."""
+    measure = wrk_rate if shutil.which("wrk") else python_rate
+    server = Gunicorn(env, workers=4, threads=8)
+    try:
+        server.start()
+        check = run_load(f"{server.url}/api/counters/exact/incr", clients=32, requests=30)
+        measure(f"{server.url}/livez", "GET", 1)  # warm up every worker
+        counter, bare, ratio = paired(
+            lambda: measure(f"{server.url}/api/counters/bench/incr", "POST", seconds),
+            lambda: measure(f"{server.url}/livez", "GET", seconds),
+            rounds,
+        )
+        return counter, bare, ratio, check.passed(0)
+    finally:
+        server.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs (noisier figures)")
+    parser.add_argument("--only", default="filesystem,memory,memcached,redis")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    seconds = 0.5 if args.quick else 1.5
+    rounds, http_seconds = (2, 1) if args.quick else (10, 1)
+    rows: list[tuple[str, str, str, str, str]] = []
+
+    def row(what: str, figure: float, unit: str, compared: str = "", ratio: str = "", target: str = ""):
+        rows.append((what, f"{figure:,.0f} {unit}", compared, ratio, target))
+        print(f"  {what}: {figure:,.0f} {unit} {ratio}", file=sys.stderr)
+
+    began = time.monotonic()
+    memcached = Memcached("memcached").start() if "memcached" in only else None
+    redis_server = Redis(appendfsync="everysec").start() if "redis" in only else None
+    try:
+        if "filesystem" in only:
+            fs = FileCounterStore(tempfile.mkdtemp(prefix="bench-fs-"))
+            row(
+                "filesystem helper incr, 1 process",
+                rate(lambda: fs.add("c", 1), seconds),
+                "ops/s",
+                target=">= 100,000 ops/s",
+            )
+            row("filesystem helper incr, 4 processes, one counter", fs_four_processes(seconds), "ops/s (sum)")
+            row(
+                "filesystem update (shared value)",
+                rate(lambda: fs.update_value("v", append_one), seconds),
+                "ops/s",
+            )
+        if "memory" in only:
+            memory = MemoryCounterStore()
+            row(
+                "memory helper incr, 1 process (one process only)",
+                rate(lambda: memory.add("c", 1), seconds),
+                "ops/s",
+            )
+            row(
+                "memory update (shared value)",
+                rate(lambda: memory.update_value("v", append_one), seconds),
+                "ops/s",
+            )
+        if memcached is not None:
+            store = MemcachedCounterStore([memcached.address], key_prefix="bench:")
+            raw = pylibmc.Client([memcached.address], behaviors=store._behaviors)
+            raw.set("raw", b"1000")
+            raw_rate = rate(lambda: raw.incr("raw", 1), seconds)
+            helper_rate = rate(lambda: store.add("c", 1), seconds)
+            row("memcached raw pylibmc incr", raw_rate, "ops/s")
+            row(
+                "memcached helper incr",
+                helper_rate,
+                "ops/s",
+                "raw pylibmc incr",
+                f"{helper_rate / raw_rate:.2f}x",
+                ">= 0.90x",
+            )
+            row(
+                "memcached update (gets/cas)",
+                rate(lambda: store.update_value("v", append_one), seconds),
+                "ops/s",
+            )
+        if redis_server is not None:
+            store = RedisCounterStore(redis_server.url, key_prefix="bench:")
+            raw = redis.Redis.from_url(redis_server.url)
+            raw_rate = rate(lambda: raw.incrby("raw", 1), seconds)
+            helper_rate = rate(lambda: store.add("c", 1), seconds)
+            row("redis raw redis-py incrby", raw_rate, "ops/s")
+            row(
+                "redis helper incr",
+                helper_rate,
+                "ops/s",
+                "raw redis-py incrby",
+                f"{helper_rate / raw_rate:.2f}x",
+                ">= 0.90x",
+            )
+            row(
+                "redis update (WATCH/MULTI)",
+                rate(lambda: store.update_value("v", append_one), seconds),
+                "ops/s",
+            )
+        http_stores = []
+        if "filesystem" in only:
+            http_stores.append(("filesystem", {"FLASK_CACHE_TYPE": "FileSystemCache"}, ">= 0.85x"))
+        if memcached is not None:
+            http_stores.append(
+                (
+                    "memcached",
+                    {
+                        "FLASK_CACHE_TYPE": "MemcachedCache",
+                        "FLASK_CACHE_MEMCACHED_SERVERS": f'["{memcached.address}"]',
+                        "FLASK_COUNTER_KEY_PREFIX": f"http{os.getpid()}:",
+                    },
+                    ">= 0.85x",
+                )
+            )
+        if redis_server is not None:
+            http_stores.append(
+                (
+                    "redis",
+                    {
+                        "FLASK_CACHE_TYPE": "RedisCache",
+                        "FLASK_CACHE_REDIS_URL": redis_server.url,
+                        "FLASK_COUNTER_KEY_PREFIX": f"http{os.getpid()}:",
+                    },
+                    ">= 0.75x",
+                )
+            )
+        for name, env, target in http_stores:
+            env = {**env, "FLASK_COUNTER_DIR": tempfile.mkdtemp(prefix="bench-http-")}
+            counter, bare, ratio, exact = http_pair(env, rounds, http_seconds)
+            row(f"HTTP bare GET /livez ({name} config)", bare, "req/s")
+            row(
+                f"HTTP POST /api/counters/bench/incr, {name}" + ("" if exact else " (VALUES WRONG)"),
+                counter,
+                "req/s",
+                "bare route",
+                f"{ratio:.2f}x",
+                target,
+            )
+    finally:
+        if memcached is not None:
+            memcached.stop()
+        if redis_server is not None:
+            redis_server.stop()
+
+    print(
+        f"\nTally bench: {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{platform.machine()}; HTTP: gunicorn 4 workers x 8 threads, "
+        f"{'wrk' if shutil.which('wrk') else 'Python clients'} with 32 keep-alive connections, "
+        f"medians of {rounds} alternated pairs of {http_seconds} s runs; "
+        f"{time.monotonic() - began:.0f} s in all\n"
+    )
+    print("| measurement | figure | compared with | ratio | target |")
+    print("| --- | ---: | --- | ---: | --- |")
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
