@@ -32,6 +32,8 @@ test: $(VENV)/.test servers
 	$(PY) -m pytest
 
 bench: $(VENV)/.test servers
+	@# wrk drives the HTTP part; without it the bench falls back to (noisier) Python clients.
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } || echo "note: wrk not installed; HTTP figures use Python clients"
 	$(PY) bench/bench.py
 
 race-report: $(VENV)/.test servers

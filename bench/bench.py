@@ -15,6 +15,7 @@ Prints a Markdown table; figures vary with the machine, ratios much less.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import platform
@@ -85,24 +86,31 @@ def fs_four_processes(seconds: float) -> float:
 
 
 def interleaved(helper: Callable[[], object], raw: Callable[[], object], seconds: float):
-    """(helper ops/s, raw ops/s, helper/raw): one call of each in turn, each timed on its own, so
-    both see the same moments of a noisy machine (a shared VM drifts by 2x between runs)."""
+    """(helper ops/s, raw ops/s, helper/raw) from the median time of one call of each, called in
+    turn (alternating which goes first): both see the same moments of a noisy machine, and the
+    stalls of a shared VM (a single call can take 100x the usual) do not decide the result."""
     for _ in range(200):
         helper()
         raw()
-    helper_time = raw_time = 0.0
-    calls = 0
+    helper_times: list[float] = []
+    raw_times: list[float] = []
     deadline = time.perf_counter() + seconds
-    while calls < MAX_OPS and time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        helper()
-        t1 = time.perf_counter()
-        raw()
-        t2 = time.perf_counter()
-        helper_time += t1 - t0
-        raw_time += t2 - t1
-        calls += 1
-    return calls / helper_time, calls / raw_time, raw_time / helper_time
+    while len(helper_times) < MAX_OPS and time.perf_counter() < deadline:
+        # The first call after a pause pays the server's wake-up: alternate which one goes first.
+        for first, first_times, second, second_times in (
+            (helper, helper_times, raw, raw_times),
+            (raw, raw_times, helper, helper_times),
+        ):
+            t0 = time.perf_counter()
+            first()
+            t1 = time.perf_counter()
+            second()
+            t2 = time.perf_counter()
+            first_times.append(t1 - t0)
+            second_times.append(t2 - t1)
+    helper_median = statistics.median(helper_times)
+    raw_median = statistics.median(raw_times)
+    return 1 / helper_median, 1 / raw_median, raw_median / helper_median
 
 
 def append_one(data: bytes | None) -> bytes:
@@ -143,20 +151,51 @@ def paired(first: Callable[[], float], second: Callable[[], float], rounds: int)
     return statistics.median(firsts), statistics.median(seconds), statistics.median(ratios)
 
 
-def http_pair(env: dict[str, str], rounds: int, seconds: int) -> tuple[float, float, float, bool]:
-    """(counter route req/s, bare route req/s, ratio, values exact) under gunicorn 4x8."""
+def workers_cpu_seconds(master_pid: int) -> float:
+    """CPU seconds (user + system) used so far by the worker processes of a gunicorn master."""
+    total = 0
+    children = subprocess.run(["pgrep", "-P", str(master_pid)], capture_output=True, text=True)
+    for pid in children.stdout.split():
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def http_pair(env: dict[str, str], rounds: int, seconds: int) -> dict[str, float | bool]:
+    """Counter route vs bare route under gunicorn 4x8: req/s (medians of alternated pairs) and the
+    workers' CPU per request, which a shared VM's wall-clock noise disturbs far less."""
     measure = wrk_rate if shutil.which("wrk") else python_rate
     server = Gunicorn(env, workers=4, threads=8)
     try:
         server.start()
         check = run_load(f"{server.url}/api/counters/exact/incr", clients=32, requests=30)
         measure(f"{server.url}/livez", "GET", 1)  # warm up every worker
+        cpu = {"counter": [0.0, 0.0], "bare": [0.0, 0.0]}  # seconds, requests
+
+        def timed(kind: str, path: str, method: str) -> float:
+            before = workers_cpu_seconds(server.process.pid)
+            per_second = measure(f"{server.url}{path}", method, seconds)
+            cpu[kind][0] += workers_cpu_seconds(server.process.pid) - before
+            cpu[kind][1] += per_second * seconds
+            return per_second
+
         counter, bare, ratio = paired(
-            lambda: measure(f"{server.url}/api/counters/bench/incr", "POST", seconds),
-            lambda: measure(f"{server.url}/livez", "GET", seconds),
+            lambda: timed("counter", "/api/counters/bench/incr", "POST"),
+            lambda: timed("bare", "/livez", "GET"),
             rounds,
         )
-        return counter, bare, ratio, check.passed(0)
+        counter_cpu = cpu["counter"][0] / cpu["counter"][1]
+        bare_cpu = cpu["bare"][0] / cpu["bare"][1]
+        return {
+            "counter": counter,
+            "bare": bare,
+            "ratio": ratio,
+            "exact": check.passed(0),
+            "counter_cpu_us": counter_cpu * 1e6,
+            "bare_cpu_us": bare_cpu * 1e6,
+            "cpu_ratio": bare_cpu / counter_cpu,
+        }
     finally:
         server.stop()
 
@@ -273,14 +312,24 @@ def main() -> int:
             )
         for name, env, target in http_stores:
             env = {**env, "FLASK_COUNTER_DIR": tempfile.mkdtemp(prefix="bench-http-")}
-            counter, bare, ratio, exact = http_pair(env, rounds, http_seconds)
-            row(f"HTTP bare GET /livez ({name} config)", bare, "req/s")
+            result = http_pair(env, rounds, http_seconds)
+            exact = "" if result["exact"] else " (VALUES WRONG)"
+            row(f"HTTP bare GET /livez ({name} config)", result["bare"], "req/s")
             row(
-                f"HTTP POST /api/counters/bench/incr, {name}" + ("" if exact else " (VALUES WRONG)"),
-                counter,
+                f"HTTP POST /api/counters/bench/incr, {name}{exact}",
+                result["counter"],
                 "req/s",
                 "bare route",
-                f"{ratio:.2f}x",
+                f"{result['ratio']:.2f}x",
+                target,
+            )
+            row(f"worker CPU per request, bare route ({name} config)", result["bare_cpu_us"], "us")
+            row(
+                f"worker CPU per request, counter route, {name}",
+                result["counter_cpu_us"],
+                "us",
+                "bare route (capacity = 1/CPU)",
+                f"{result['cpu_ratio']:.2f}x",
                 target,
             )
     finally:
