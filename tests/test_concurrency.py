@@ -145,6 +145,7 @@ def test_a_shared_set_keeps_every_member_under_concurrent_adds(serve, store_sett
         requests=20,
         keepalive=False,
         body_for=member_body,
+        integer_values=False,
     )
     assert report.errors == {} and report.ok == CLIENTS * 20, (report.statuses, report.errors)
     status, _, body = _get(server, "/api/shared/visitors")
