@@ -8,9 +8,9 @@ from typing import Any
 from flask import Flask
 
 from commands import counters_cli
-from common import cache, counters
-from routes import api, clients, errors, health, pages, shared
-from settings import ensure_secret_key, load_settings
+from common import cache, counters, limiter
+from routes import api, clients, errors, health, limits, pages, shared  # noqa: F401 - limits registers a filter
+from settings import ensure_secret_key, load_settings, refuse_weak_secret_key
 
 
 def create_app(overrides: dict[str, Any] | None = None) -> Flask:
@@ -23,8 +23,10 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     os.makedirs(app.instance_path, exist_ok=True)
     load_settings(app, overrides)
     ensure_secret_key(app)
+    refuse_weak_secret_key(app)
     cache.init_app(app)
     counters.init_app(app)
+    limiter.init_app(app)
     errors.register(app)
     for blueprint in (pages.bp, api.bp, clients.bp, shared.bp, health.bp):
         app.register_blueprint(blueprint)

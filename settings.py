@@ -64,6 +64,8 @@ CHECKS: dict[str, tuple[Any, str]] = {
     ),
     "SESSION_COOKIE_SECURE": (lambda v: isinstance(v, bool), "true or false"),
     "MAX_CONTENT_LENGTH": (_count, "a number of bytes >= 1"),
+    "RATELIMIT_ENABLED": (lambda v: isinstance(v, bool), "true or false"),
+    "RATELIMIT_DEFAULT": (lambda v: isinstance(v, str) and v != "", 'a limit such as "120 per minute"'),
     "VALUE_MAX_BYTES": (lambda v: _count(v) and v <= 1_000_000, "a number of bytes from 1 to 1000000"),
 }
 
@@ -81,6 +83,7 @@ def load_settings(app: Flask, overrides: dict[str, Any] | None = None) -> None:
     if overrides:
         app.config.update(overrides)
     check_settings(app.config)
+    app.config["RATELIMIT_STORAGE_URI"] = rate_limit_storage(app.config)
     for key in ("CACHE_DIR", "COUNTER_DIR"):
         app.config[key] = os.path.abspath(os.path.join(app.instance_path, app.config[key]))
     if app.config["COUNTER_DIR"] == app.config["CACHE_DIR"]:
@@ -131,3 +134,35 @@ def ensure_secret_key(app: Flask) -> None:
     if len(key) < 32:
         raise ConfigError(f"{path} holds no usable key; delete it to have a new one generated")
     app.config["SECRET_KEY"] = key
+
+
+#: Keys seen in tutorials and templates; anyone can sign sessions with them.
+WEAK_SECRET_KEYS = {
+    "dev", "development", "secret", "secret-key", "secret_key", "secretkey", "changeme",
+    "change-me", "change_me", "your-secret-key", "default", "test", "testing", "key", "password",
+}
+
+
+def refuse_weak_secret_key(app: Flask) -> None:
+    """Outside debug and testing, a known or short SECRET_KEY stops the app at start-up."""
+    if app.debug or app.testing:
+        return
+    key = app.config["SECRET_KEY"]
+    text = key.decode(errors="replace") if isinstance(key, bytes) else str(key)
+    if text.strip().lower() in WEAK_SECRET_KEYS or len(text) < 16:
+        raise ConfigError(
+            "SECRET_KEY is a well-known or short value (under 16 characters): anyone could forge"
+            " sessions; set a long random one, or leave it empty to have one generated"
+        )
+
+
+def rate_limit_storage(config: dict[str, Any]) -> str:
+    """Flask-Limiter's storage: RATELIMIT_STORAGE_URI if set, else the counter store's servers, so
+    that limits hold across workers and hosts; memory:// (per worker) for the filesystem and memory."""
+    if config.get("RATELIMIT_STORAGE_URI"):
+        return config["RATELIMIT_STORAGE_URI"]
+    if config["CACHE_TYPE"] == "RedisCache":
+        return config["CACHE_REDIS_URL"]
+    if config["CACHE_TYPE"] == "MemcachedCache":
+        return "memcached://" + ",".join(config["CACHE_MEMCACHED_SERVERS"])
+    return "memory://"

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
+import secrets
 
-from flask import Blueprint, flash, make_response, redirect, render_template, request, url_for
-from werkzeug.exceptions import BadRequest
+from flask import (
+    Blueprint,
+    flash,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from werkzeug.exceptions import BadRequest, Forbidden
 
 from common import counters, shared
 
@@ -40,15 +51,32 @@ def index():
             backend=counters.store.backend,
             recent=recent,
             me=me,
+            csrf_token=csrf_token(),
         )
     )
     response.headers["Cache-Control"] = "no-store"
     return response
 
 
+def csrf_token() -> str:
+    """This session's token for the page's forms (on top of the SameSite=Lax cookie)."""
+    token = session.get("csrf")
+    if not isinstance(token, str) or len(token) != 43:
+        token = session["csrf"] = secrets.token_urlsafe(32)
+    return token
+
+
+def check_csrf_token() -> None:
+    sent = request.form.get("csrf_token", "")
+    expected = session.get("csrf")
+    if not isinstance(expected, str) or not hmac.compare_digest(sent.encode(), expected.encode()):
+        raise Forbidden("the form's CSRF token is missing or wrong: reload the page and try again")
+
+
 @bp.post("/")
 def act():
     """The page's buttons (plain forms): change the caller's counter, then show the page again."""
+    check_csrf_token()
     action = request.form.get("action")
     mine = client_counters()
     if action == "inc":

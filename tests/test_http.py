@@ -475,23 +475,54 @@ def test_each_visit_of_the_page_gets_the_next_visitor_number(fs_app, web):
     assert value_of(web, "hits") == 3
 
 
+CSRF = "t" * 43
+
+
+def with_csrf(web) -> str:
+    """Give the test client's session a known form token, as GET / would (without a visit)."""
+    with web.session_transaction() as session:
+        session["csrf"] = CSRF
+    return CSRF
+
+
 def test_the_page_buttons_change_my_counter_and_redirect(web):
-    response = web.post("/", data={"action": "inc"})
+    token = with_csrf(web)
+    response = web.post("/", data={"action": "inc", "csrf_token": token})
     assert response.status_code == 303
     assert response.headers["Location"] in ("/", "http://localhost/")
-    web.post("/", data={"action": "inc"})
-    web.post("/", data={"action": "inc"})
-    web.post("/", data={"action": "dec"})
+    web.post("/", data={"action": "inc", "csrf_token": token})
+    web.post("/", data={"action": "inc", "csrf_token": token})
+    web.post("/", data={"action": "dec", "csrf_token": token})
     assert web.get("/api/me/counters/counter").get_json()["value"] == 2
     page = web.get("/").get_data(as_text=True)
     assert re.search(r'<output id="mine">2</output>', page)
-    assert web.post("/", data={"action": "reset"}).status_code == 303
+    assert web.post("/", data={"action": "reset", "csrf_token": token}).status_code == 303
     assert web.get("/api/me/counters/counter").get_json()["value"] == 0
+
+
+def test_the_page_form_carries_its_csrf_token(web):
+    page = web.get("/").get_data(as_text=True)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    assert web.post("/", data={"action": "inc", "csrf_token": token}).status_code == 303
+    assert web.get("/api/me/counters/counter").get_json()["value"] == 1
+
+
+@pytest.mark.parametrize("token", [None, "", "x" * 43, CSRF[:-1]])
+def test_a_form_post_without_the_right_csrf_token_is_refused(web, token):
+    with_csrf(web)
+    data = {"action": "inc"} if token is None else {"action": "inc", "csrf_token": token}
+    assert_error(web.post("/", data=data), 403, "forbidden")
+    assert web.get("/api/me/counters/counter").get_json()["value"] == 0
+
+
+def test_the_json_api_needs_no_csrf_token(web):
+    assert web.post("/api/counters/api/incr").status_code == 200  # curl -X POST works
 
 
 @pytest.mark.parametrize("data", [{"action": "boom"}, {}, {"action": ""}])
 def test_a_bad_page_action_is_400_and_changes_nothing(web, data):
     web.get("/inc")
+    data = {**data, "csrf_token": with_csrf(web)}
     assert_error(web.post("/", data=data), 400, "bad_request")
     assert web.get("/api/me/counters/counter").get_json()["value"] == 1
     assert value_of(web, "hits") == 0  # posting never counts a visit

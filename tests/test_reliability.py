@@ -1,0 +1,166 @@
+"""Failures a production service meets: workers killed mid-request, damaged files, weak secrets,
+abusive clients.  Real processes, loopback only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from settings import ConfigError
+from tally.loadcheck import run_load
+from tests.conftest import settings_env
+from tests.servers import Gunicorn
+
+
+def worker_pids(server: Gunicorn) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def read_value(server: Gunicorn, name: str) -> int:
+    with urllib.request.urlopen(f"{server.url}/api/counters/{name}", timeout=10) as response:
+        return json.loads(response.read())["value"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["filesystem", "redis"])
+def test_killing_workers_under_load_loses_no_value_and_repeats_none(serve, store_settings, backend):
+    server = serve(settings_env(store_settings(backend)), workers=4, threads=8)
+    result = {}
+
+    def drive() -> None:
+        result["report"] = run_load(
+            f"{server.url}/api/counters/crash/incr",
+            clients=50,
+            requests=60,
+            keepalive=False,
+            timeout=10,
+            deadline=60,
+        )
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    time.sleep(0.7)
+    victims = worker_pids(server)[:2]
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)  # gunicorn starts new workers in their place
+    driver.join(timeout=120)
+    report = result["report"]
+    assert report.duplicates == 0  # no value was ever handed out twice
+    assert report.errors, "the kills should have cut some requests off"
+    server.wait_ready()
+    final = read_value(server, "crash")
+    # Every 200 was counted; a request cut off by the kill may or may not have been.
+    assert report.ok <= final <= report.sent
+    assert max(report.values) <= final
+    assert not set(victims) & set(worker_pids(server))  # the killed workers were replaced
+
+
+def test_a_damaged_counter_file_answers_500_with_a_log_line(make_app, store_settings, caplog):
+    app = make_app(store_settings("filesystem"))
+    client = app.test_client()
+    client.post("/api/counters/broken/incr", json={"by": 7})
+    path = os.path.join(app.config["COUNTER_DIR"], "broken")
+    with open(path, "r+b") as file:
+        file.truncate(5)
+    with caplog.at_level(logging.ERROR):
+        response = client.post("/api/counters/broken/incr")
+    assert response.status_code == 500
+    body = response.get_json()
+    assert body["error"] == "corrupt_counter" and "broken" in body["detail"]
+    assert any("corrupt_counter" in record.getMessage() for record in caplog.records)
+    assert client.get("/api/counters/broken").status_code == 500  # never read as 0
+    assert client.get("/api/counters/fine").get_json()["value"] == 0  # other counters unaffected
+
+
+@pytest.mark.parametrize("key", ["dev", "secret", "changeme", "Development", "short-key", b"test"])
+def test_a_weak_secret_key_stops_the_app_outside_testing(make_app, store_settings, key):
+    with pytest.raises(ConfigError, match="SECRET_KEY"):
+        make_app(store_settings("filesystem"), TESTING=False, SECRET_KEY=key)
+
+
+def test_a_long_secret_key_and_testing_mode_are_accepted(make_app, store_settings):
+    make_app(store_settings("filesystem"), TESTING=False, SECRET_KEY="k" * 40)
+    make_app(store_settings("filesystem"), TESTING=True, SECRET_KEY="dev")
+
+
+def test_session_cookie_is_secure_when_configured(make_app, store_settings):
+    app = make_app(store_settings("filesystem"), SESSION_COOKIE_SECURE=True)
+    cookie = app.test_client().get("/inc").headers["Set-Cookie"]
+    assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+
+
+# -- rate limits --------------------------------------------------------------------------------------
+
+
+def limited_app(make_app, store_settings, backend="filesystem", limit="3 per minute"):
+    return make_app(store_settings(backend), RATELIMIT_ENABLED=True, RATELIMIT_DEFAULT=limit)
+
+
+def test_rate_limits_are_off_in_the_shipped_settings(make_app, store_settings):
+    client = make_app(store_settings("filesystem")).test_client()
+    assert all(client.post("/api/counters/free/incr").status_code == 200 for _ in range(200))
+
+
+def test_writes_over_the_limit_get_429_json_with_retry_after(make_app, store_settings):
+    client = limited_app(make_app, store_settings).test_client()
+    assert [client.post("/api/counters/l/incr").status_code for _ in range(3)] == [200] * 3
+    response = client.post("/api/counters/l/incr")
+    assert response.status_code == 429
+    assert response.get_json()["error"] == "too_many_requests"
+    assert int(response.headers["Retry-After"]) > 0
+    assert client.get("/api/counters/l").get_json()["value"] == 3  # the refused write changed nothing
+    # Each writing route has its own budget per client (Flask-Limiter's default limits).
+    assert [client.get("/inc").status_code for _ in range(4)] == [200, 200, 200, 429]
+
+
+def test_reads_are_never_limited(make_app, store_settings):
+    client = limited_app(make_app, store_settings, limit="1 per minute").test_client()
+    client.post("/api/counters/r/incr")
+    for path in ("/api/counters/r", "/api/me/counters/r", "/api/shared/s", "/healthz", "/livez"):
+        assert all(client.get(path).status_code == 200 for _ in range(5)), path
+
+
+@pytest.mark.parametrize(
+    "backend, storage",
+    [
+        ("filesystem", "memory://"),
+        ("memory", "memory://"),
+        ("redis", "redis://"),
+        ("memcached", "memcached://"),
+    ],
+)
+def test_the_limit_storage_follows_the_counter_store(make_app, store_settings, backend, storage):
+    app = limited_app(make_app, store_settings, backend)
+    assert app.config["RATELIMIT_STORAGE_URI"].startswith(storage)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["redis", "memcached"])
+def test_limits_hold_across_workers_on_a_shared_store(serve, store_settings, backend):
+    env = {
+        **settings_env(store_settings(backend)),
+        "FLASK_RATELIMIT_ENABLED": "true",
+        "FLASK_RATELIMIT_DEFAULT": "20 per minute",
+        "FLASK_RATELIMIT_KEY_PREFIX": f"limit-test-{time.monotonic_ns()}",
+    }
+    server = serve(env, workers=4, threads=2)
+    statuses = []
+    for _ in range(40):  # a new connection each: the requests reach all four workers
+        request = urllib.request.Request(f"{server.url}/api/counters/lim/incr", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                statuses.append(response.status)
+        except urllib.error.HTTPError as error:
+            statuses.append(error.code)
+    assert statuses.count(200) == 20 and statuses.count(429) == 20
+    assert read_value(server, "lim") == 20
