@@ -113,7 +113,7 @@ def test_an_unreachable_server_fails_fast_and_service_returns(memcached_server):
     assert store.add("p", 1) in (2, 3)  # the step that timed out may have been applied when it woke up
 
 
-def test_a_restart_loses_counters_and_health_says_so():
+def test_a_restart_loses_counters_and_health_says_so(caplog):
     server = Memcached("memcached").start()
     try:
         store = MemcachedCounterStore([server.address], key_prefix="restart:")
@@ -125,8 +125,10 @@ def test_a_restart_loses_counters_and_health_says_so():
             store.add("r", 1)
         server.start()
         time.sleep(1.2)
-        report = store.health()["servers"][0]
+        with caplog.at_level("WARNING"):
+            report = store.health()["servers"][0]
         assert report["restarted"] is True and "lost" in report["warning"]
+        assert any("restarted" in record.getMessage() for record in caplog.records)
         assert store.get("r") == 0  # memcached keeps nothing across a restart (README)
     finally:
         server.stop()

@@ -16,6 +16,7 @@ the counter would start again from 0): while a server is down its counters answe
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +26,8 @@ import pylibmc
 
 from ..errors import Conflict, CorruptCounter, StoreUnavailable
 from .base import VALUE_RETRIES, CounterStore, pause_after_conflict
+
+log = logging.getLogger(__name__)
 
 OFFSET = 2**62
 LIMIT = 4_600_000_000_000_000_000
@@ -244,8 +247,12 @@ class MemcachedCounterStore(CounterStore):
         if restarted:
             report["restarted"] = True
             report["warning"] = "restarted since last seen: the counters it held were lost"
+            log.warning(
+                "memcached %s restarted (uptime %d s): the counters it held were lost", address, uptime
+            )
         if evictions:
             report["warning"] = "memcached evicted items: counters may have been lost; run it with -M"
+            log.warning("memcached %s has evicted %d items: counters may have been lost", address, evictions)
         return report
 
     def close(self) -> None:
