@@ -20,12 +20,16 @@ $(VENV)/.test: $(VENV)/.base
 run: $(VENV)/.base
 	$(VENV)/bin/gunicorn -c gunicorn.conf.py app:app
 
+# The tests start real memcached and redis-server processes and drive headless Chromium.
 servers:
-	@if command -v memcached >/dev/null && command -v redis-server >/dev/null; then :; \
+	@if command -v memcached >/dev/null && command -v redis-server >/dev/null \
+		&& command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq memcached redis-server >/dev/null; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			memcached redis-server chromium chromium-driver >/dev/null; \
 	else \
-		echo "make test needs memcached and redis-server: install them (Debian: sudo apt-get install memcached redis-server)"; exit 1; \
+		echo "make test needs memcached, redis-server, chromium and chromedriver:"; \
+		echo "  Debian: sudo apt-get install memcached redis-server chromium chromium-driver"; exit 1; \
 	fi
 
 test: $(VENV)/.test servers

@@ -10,6 +10,7 @@ from flask import Flask
 from commands import counters_cli
 from common import cache, counters, limiter
 from routes import api, clients, errors, health, limits, pages, shared  # noqa: F401 - limits registers a filter
+from sessions import init_sessions
 from settings import ensure_secret_key, load_settings, refuse_weak_secret_key
 
 
@@ -27,6 +28,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     cache.init_app(app)
     counters.init_app(app)
     limiter.init_app(app)
+    init_sessions(app)
     errors.register(app)
     for blueprint in (pages.bp, api.bp, clients.bp, shared.bp, health.bp):
         app.register_blueprint(blueprint)

@@ -89,8 +89,13 @@ def _get(server: Gunicorn, path: str, cookie: str | None = None, method: str = "
         connection.close()
 
 
-def test_one_clients_counter_stays_consistent_across_workers(serve, store_settings):
-    server = serve(settings_env(store_settings("filesystem")), workers=4, threads=2)
+@pytest.mark.parametrize(
+    "backend, session_backend",
+    [("filesystem", "cookie"), ("filesystem", "server"), ("redis", "server"), ("memcached", "server")],
+)
+def test_one_clients_counter_stays_consistent_across_workers(serve, store_settings, backend, session_backend):
+    env = {**settings_env(store_settings(backend)), "FLASK_SESSION_BACKEND": session_backend}
+    server = serve(env, workers=4, threads=2)
     pids = {json.loads(_get(server, "/healthz")[2])["pid"] for _ in range(40)}
     assert len(pids) > 1, "requests on fresh connections should reach several workers"
     status, set_cookie, body = _get(server, "/api/me/counters/clicks/incr", method="POST")

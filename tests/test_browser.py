@@ -1,0 +1,114 @@
+"""The page as a person sees it, in real headless Chromium against the app under gunicorn.
+
+"Try accessing it from different browsers, you'll see that the counter is not shared between them":
+two separate browsers (own profiles, own cookies) click + three times each and each sees its own 3,
+while the shared hit count rises for both; with JavaScript (in place) and without (form posts).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from tests.conftest import settings_env
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--no-first-run",
+    "--window-size=900,1000",
+]
+
+
+@pytest.fixture
+def open_browser():
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.fail("chromium and chromedriver are needed: `make test` installs them (Debian packages)")
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not try to download anything
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    drivers = []
+
+    def start(javascript: bool = True):
+        options = Options()
+        options.binary_location = CHROMIUM
+        for flag in FLAGS:
+            options.add_argument(flag)
+        options.add_argument(f"--user-data-dir={tempfile.mkdtemp(prefix='tally-chromium-')}")
+        if not javascript:
+            options.add_experimental_option(
+                "prefs", {"profile.managed_default_content_settings.javascript": 2}
+            )
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        driver.set_page_load_timeout(30)
+        drivers.append(driver)
+        return driver
+
+    yield start
+    for driver in drivers:
+        driver.quit()
+
+
+def number(driver, element_id: str) -> int:
+    from selenium.webdriver.common.by import By
+
+    return int(driver.find_element(By.ID, element_id).text)
+
+
+def click_plus(driver, times: int) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    for _ in range(times):
+        expected = number(driver, "mine") + 1
+        driver.find_element(By.CSS_SELECTOR, "button[value=inc]").click()
+        WebDriverWait(driver, 10, ignored_exceptions=(StaleElementReferenceException,)).until(
+            lambda d, expected=expected: number(d, "mine") == expected
+        )
+
+
+@pytest.mark.parametrize("session_backend", ["cookie", "server"])
+def test_two_browsers_keep_their_own_counters_and_share_the_hits(
+    serve, store_settings, open_browser, session_backend, tmp_path
+):
+    env = {**settings_env(store_settings("filesystem")), "FLASK_SESSION_BACKEND": session_backend}
+    server = serve(env, workers=4, threads=4)
+    first, second = open_browser(javascript=True), open_browser(javascript=False)
+    first.get(server.url + "/")
+    hits_seen_first = number(first, "hits")
+    second.get(server.url + "/")
+    assert number(second, "hits") == hits_seen_first + 1  # one shared hit count
+    assert number(first, "mine") == number(second, "mine") == 0
+
+    click_plus(first, 3)  # JavaScript: updated in place through the JSON API, no reload
+    assert number(first, "hits") == hits_seen_first
+    click_plus(second, 3)  # no JavaScript: each click posts the form and the page reloads
+    assert number(second, "mine") == 3
+    assert number(second, "hits") == hits_seen_first + 4
+
+    first.refresh()
+    assert number(first, "mine") == 3  # kept across a reload
+    assert number(first, "hits") == hits_seen_first + 5  # and it saw the other browser's visits
+    second.refresh()
+    assert number(second, "mine") == 3
+
+    first.save_screenshot(str(tmp_path / f"tally-{session_backend}.png"))
+    assert (tmp_path / f"tally-{session_backend}.png").stat().st_size > 10_000
+    screenshots = os.environ.get("TALLY_SCREENSHOT_DIR")
+    if screenshots:  # how docs/screenshot.png was made
+        shutil.copy(tmp_path / f"tally-{session_backend}.png", screenshots)
