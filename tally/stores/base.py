@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -14,6 +15,17 @@ INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 #: How many times an optimistic update (memcached cas, Redis WATCH) is tried before ``Conflict``.
 VALUE_RETRIES = 100
+
+
+class KeyLocks:
+    """Striped thread locks by key: threads of one process take turns updating a key, so that the
+    optimistic stores' retries only ever race other processes, not a crowd of their own threads."""
+
+    def __init__(self, stripes: int = 64) -> None:
+        self._locks = [threading.Lock() for _ in range(stripes)]
+
+    def __call__(self, key: str) -> threading.Lock:
+        return self._locks[hash(key) % len(self._locks)]
 
 
 def pause_after_conflict(attempt: int) -> None:

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from ..errors import CorruptCounter, CorruptValue, StoreUnavailable
 from ..names import is_client_key
-from .base import CounterStore
+from .base import CounterStore, KeyLocks
 
 RECORD = struct.Struct("<4sqqI")  # magic, value, expires at (unix seconds, 0 = never), CRC-32
 LIVE = b"TLY1"
@@ -41,8 +41,6 @@ SWEEP_LOCK = ".sweep.lock"
 #: replaced whole with ``os.replace``; a lock file per key in ``locks/``, never replaced, to ``flock``.
 VALUES_DIR = ".values"
 VALUE_HEADER = struct.Struct("<qI")  # expires at (unix seconds, 0 = never), CRC-32 of the bytes
-#: Threads of one process serialize updates of a value through one of these locks (by key hash).
-VALUE_LOCK_STRIPES = 64
 
 T = TypeVar("T")
 
@@ -110,7 +108,7 @@ class FileCounterStore(CounterStore):
         self._handles_lock = threading.Lock()
         self._next_sweep = time.monotonic() + self.sweep_interval
         self._sweeping = False
-        self._value_locks = [threading.Lock() for _ in range(VALUE_LOCK_STRIPES)]
+        self._value_locks = KeyLocks()
 
     def _after_fork_in_child(self) -> None:
         for handle in self._handles.values():
@@ -328,7 +326,7 @@ class FileCounterStore(CounterStore):
     @contextlib.contextmanager
     def _value_locked(self, key: str):
         """Hold this key's thread lock stripe and the ``flock`` of its lock file."""
-        with self._value_locks[hash(key) % VALUE_LOCK_STRIPES]:
+        with self._value_locks(key):
             fd = os.open(
                 os.path.join(self.values_directory, "locks", key),
                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,

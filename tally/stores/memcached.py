@@ -25,7 +25,7 @@ from typing import Any
 import pylibmc
 
 from ..errors import Conflict, CorruptCounter, StoreUnavailable
-from .base import VALUE_RETRIES, CounterStore, pause_after_conflict
+from .base import VALUE_RETRIES, CounterStore, KeyLocks, pause_after_conflict
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class MemcachedCounterStore(CounterStore):
         client = pylibmc.Client(self.servers, binary=binary, behaviors=self._behaviors)
         self._pool = pylibmc.ClientPool(client, pool_size)
         self._started_at: dict[str, float] = {}
+        self._update_locks = KeyLocks()
 
     def _key(self, key: str) -> str:
         return self.key_prefix + key
@@ -206,7 +207,7 @@ class MemcachedCounterStore(CounterStore):
     ) -> bytes:
         """``gets``, ``change``, then ``cas`` (or ``add`` for a new key), retried on conflict."""
         mkey = self._value_key(key)
-        with self._client() as client:
+        with self._update_locks(key), self._client() as client:
             for attempt in range(VALUE_RETRIES):
                 current, cas_id = client.gets(mkey)
                 data = change(current)

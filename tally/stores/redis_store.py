@@ -11,7 +11,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..errors import Conflict, CorruptCounter, Overflow, StoreUnavailable
-from .base import VALUE_RETRIES, CounterStore, pause_after_conflict
+from .base import VALUE_RETRIES, CounterStore, KeyLocks, pause_after_conflict
 
 
 class RedisCounterStore(CounterStore):
@@ -40,6 +40,7 @@ class RedisCounterStore(CounterStore):
             retry=Retry(NoBackoff(), 0),
         )
         self._redis = redis.Redis(connection_pool=pool)
+        self._update_locks = KeyLocks()
 
     def _key(self, key: str) -> str:
         return self.key_prefix + key
@@ -112,7 +113,7 @@ class RedisCounterStore(CounterStore):
     ) -> bytes:
         """``WATCH``, read, ``change``, then ``MULTI``/``SET``/``EXEC``, retried when the key moved."""
         rkey = self._value_key(key)
-        with self._errors(key), self._redis.pipeline(transaction=True) as pipe:
+        with self._update_locks(key), self._errors(key), self._redis.pipeline(transaction=True) as pipe:
             for attempt in range(VALUE_RETRIES):
                 try:
                     pipe.watch(rkey)
