@@ -30,7 +30,8 @@ def _server_session_store(app: Flask) -> dict:
         # pymemcache's pooled clients are thread-safe (one pylibmc client is not, under gthread).
         from pymemcache.client.hash import HashClient
 
-        servers = [(host, int(port)) for host, _, port in (s.rpartition(":") for s in config["CACHE_MEMCACHED_SERVERS"])]
+        addresses = (server.rpartition(":") for server in config["CACHE_MEMCACHED_SERVERS"])
+        servers = [(host, int(port)) for host, _, port in addresses]
         return {"SESSION_TYPE": "memcached", "SESSION_MEMCACHED": HashClient(servers, use_pooling=True)}
     from cachelib import FileSystemCache, SimpleCache
 
@@ -45,7 +46,9 @@ def _server_session_store(app: Flask) -> dict:
 def init_sessions(app: Flask) -> None:
     backend = app.config.get("SESSION_BACKEND", "cookie")
     if backend not in SESSION_BACKENDS:
-        raise ConfigError(f"setting SESSION_BACKEND must be one of {', '.join(SESSION_BACKENDS)}; got {backend!r}")
+        raise ConfigError(
+            f"setting SESSION_BACKEND must be one of {', '.join(SESSION_BACKENDS)}; got {backend!r}"
+        )
     if backend == "cookie":
         return
     app.config.update(_server_session_store(app))

@@ -138,8 +138,21 @@ def ensure_secret_key(app: Flask) -> None:
 
 #: Keys seen in tutorials and templates; anyone can sign sessions with them.
 WEAK_SECRET_KEYS = {
-    "dev", "development", "secret", "secret-key", "secret_key", "secretkey", "changeme",
-    "change-me", "change_me", "your-secret-key", "default", "test", "testing", "key", "password",
+    "dev",
+    "development",
+    "secret",
+    "secret-key",
+    "secret_key",
+    "secretkey",
+    "changeme",
+    "change-me",
+    "change_me",
+    "your-secret-key",
+    "default",
+    "test",
+    "testing",
+    "key",
+    "password",
 }
 
 

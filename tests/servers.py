@@ -174,7 +174,8 @@ class Gunicorn(Server):
             "TALLY_INSTANCE_PATH": self.instance_path,
             **self.env,
         }
-        self.log_path = os.path.join(self.instance_path, "gunicorn.log")
+        os.makedirs(self.instance_path, exist_ok=True)
+        self.log_path = os.path.join(self.instance_path, f"gunicorn-{self.port}.log")
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command(), cwd=ROOT, env=env, stdout=log, stderr=log)
         wait_for_port(self.port, self.process, timeout=30)

@@ -64,20 +64,22 @@ def open_browser():
 
 
 def number(driver, element_id: str) -> int:
-    from selenium.webdriver.common.by import By
-
-    return int(driver.find_element(By.ID, element_id).text)
+    """The number an element shows, read in the page in one step: an element handle kept across the
+    page's own update (JavaScript) or reload (form post) may no longer name a node of the document."""
+    return int(driver.execute_script("return document.getElementById(arguments[0]).textContent", element_id))
 
 
 def click_plus(driver, times: int) -> None:
-    from selenium.common.exceptions import StaleElementReferenceException
+    """Click + and wait until the page shows the next number; while the page reloads (form post),
+    reading it may fail for a moment, which the wait rides out."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     for _ in range(times):
         expected = number(driver, "mine") + 1
         driver.find_element(By.CSS_SELECTOR, "button[value=inc]").click()
-        WebDriverWait(driver, 10, ignored_exceptions=(StaleElementReferenceException,)).until(
+        WebDriverWait(driver, 10, ignored_exceptions=(WebDriverException,)).until(
             lambda d, expected=expected: number(d, "mine") == expected
         )
 

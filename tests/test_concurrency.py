@@ -93,21 +93,32 @@ def _get(server: Gunicorn, path: str, cookie: str | None = None, method: str = "
     "backend, session_backend",
     [("filesystem", "cookie"), ("filesystem", "server"), ("redis", "server"), ("memcached", "server")],
 )
-def test_one_clients_counter_stays_consistent_across_workers(serve, store_settings, backend, session_backend):
+def test_one_clients_counter_stays_consistent_across_workers(
+    serve, store_settings, backend, session_backend, tmp_path
+):
+    """One browser whose requests alternate between two gunicorn instances (two workers each) on one
+    store and one instance folder: every request is served by another process than the one before.
+
+    (Consecutive requests to a single instance cannot be made to reach different workers: gunicorn
+    leaves the choice to whichever worker accepts first, and unloaded, that is often the same one.)
+    """
     env = {**settings_env(store_settings(backend)), "FLASK_SESSION_BACKEND": session_backend}
-    server = serve(env, workers=4, threads=2)
-    pids = {json.loads(_get(server, "/healthz")[2])["pid"] for _ in range(40)}
-    assert len(pids) > 1, "requests on fresh connections should reach several workers"
-    status, set_cookie, body = _get(server, "/api/me/counters/clicks/incr", method="POST")
+    instance = str(tmp_path / "instance")  # one SECRET_KEY file and session folder for both
+    servers = [serve(env, workers=2, threads=2, instance_path=instance) for _ in range(2)]
+    status, set_cookie, body = _get(servers[0], "/api/me/counters/clicks/incr", method="POST")
     assert status == 200 and json.loads(body)["value"] == 1
     cookie = set_cookie.split(";", 1)[0]
-    values = [
-        json.loads(_get(server, "/api/me/counters/clicks/incr", cookie, "POST")[2])["value"]
-        for _ in range(60)
-    ]
+    values, pids = [], []
+    for request in range(60):
+        server = servers[(request + 1) % 2]
+        values.append(json.loads(_get(server, "/api/me/counters/clicks/incr", cookie, "POST")[2])["value"])
+        pids.append(json.loads(_get(server, "/healthz")[2])["pid"])
     assert values == list(range(2, 62))
-    other = json.loads(_get(server, "/api/me/counters/clicks", method="GET")[2])["value"]
-    assert other == 0  # a client without the cookie has its own counter
+    assert all(a != b for a, b in zip(pids, pids[1:], strict=False))  # never the same process twice
+    for server in servers:
+        assert json.loads(_get(server, "/api/me/counters/clicks", cookie)[2])["value"] == 61
+        other = json.loads(_get(server, "/api/me/counters/clicks")[2])["value"]
+        assert other == 0  # a client without the cookie has its own counter
 
 
 def test_the_memory_store_refuses_several_workers(store_settings):

@@ -31,28 +31,54 @@ def read_value(server: Gunicorn, name: str) -> int:
         return json.loads(response.read())["value"]
 
 
+def cpu_ticks(pid: int) -> int:
+    """User + system CPU time a process has used so far, in clock ticks (``/proc/<pid>/stat``)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def kill_busiest_workers(server: Gunicorn, count: int) -> list[int]:
+    """SIGKILL the ``count`` workers that used the most CPU over the last 0.2 s: the ones serving
+    requests right now (gunicorn leaves the choice of worker to whichever accepts first, so an
+    idle worker could be killed without cutting anything)."""
+    pids = worker_pids(server)
+    before = {pid: cpu_ticks(pid) for pid in pids}
+    time.sleep(0.2)
+    victims = sorted(pids, key=lambda pid: cpu_ticks(pid) - before[pid], reverse=True)[:count]
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)  # gunicorn starts a new worker in its place
+    return victims
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["filesystem", "redis"])
 def test_killing_workers_under_load_loses_no_value_and_repeats_none(serve, store_settings, backend):
     server = serve(settings_env(store_settings(backend)), workers=4, threads=8)
     result = {}
+    answered = threading.Semaphore(0)
 
     def drive() -> None:
         result["report"] = run_load(
             f"{server.url}/api/counters/crash/incr",
             clients=50,
-            requests=60,
+            requests=120,
             keepalive=False,
             timeout=10,
             deadline=60,
+            on_response=answered.release,
         )
 
     driver = threading.Thread(target=drive)
     driver.start()
-    time.sleep(0.7)
-    victims = worker_pids(server)[:2]
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)  # gunicorn starts new workers in their place
+    victims = []
+    for _round in range(2):  # two rounds of two kills, each well inside the load (6,000 requests)
+        for _ in range(1000):
+            assert answered.acquire(timeout=30), "the load stalled"
+        victims += kill_busiest_workers(server, count=2)
     driver.join(timeout=120)
     report = result["report"]
     assert report.duplicates == 0  # no value was ever handed out twice
@@ -153,9 +179,12 @@ def test_limits_hold_across_workers_on_a_shared_store(serve, store_settings, bac
         "FLASK_RATELIMIT_DEFAULT": "20 per minute",
         "FLASK_RATELIMIT_KEY_PREFIX": f"limit-test-{time.monotonic_ns()}",
     }
-    server = serve(env, workers=4, threads=2)
+    # Two instances, requests alternating: with limits kept per process (memory://) each would
+    # allow its own 20, and 40 requests would all pass.
+    servers = [serve(env, workers=2, threads=2) for _ in range(2)]
     statuses = []
-    for _ in range(40):  # a new connection each: the requests reach all four workers
+    for number in range(40):
+        server = servers[number % 2]
         request = urllib.request.Request(f"{server.url}/api/counters/lim/incr", method="POST")
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
