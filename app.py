@@ -21,6 +21,9 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     The instance folder is TALLY_INSTANCE_PATH when set, else ./instance beside this file.
     """
     app = Flask(__name__, instance_path=os.environ.get("TALLY_INSTANCE_PATH") or None)
+    # A path with "//" (say /api/counters/a//incr) is a 404, not a 308 redirect to the merged path
+    # that a client would follow with its POST: malformed requests get a 4xx and change nothing.
+    app.url_map.merge_slashes = False
     os.makedirs(app.instance_path, exist_ok=True)
     load_settings(app, overrides)
     ensure_secret_key(app)
