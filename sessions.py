@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 
-from flask import Flask
+from flask import Flask, Request
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from flask_session import Session
 
 from settings import ConfigError
@@ -43,6 +44,19 @@ def _server_session_store(app: Flask) -> dict:
     return {"SESSION_TYPE": "cachelib", "SESSION_CACHELIB": store}
 
 
+class SignedCookieSessions(SecureCookieSessionInterface):
+    """Flask's signed-cookie sessions, without building a signing serializer for a request that
+    carries no session cookie (every API client, every first visit): it starts from an empty
+    session, exactly as Flask's own would, and is signed only if a view writes to it."""
+
+    def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
+        if not app.secret_key:
+            return None
+        if not request.cookies.get(self.get_cookie_name(app)):
+            return self.session_class()
+        return super().open_session(app, request)
+
+
 def init_sessions(app: Flask) -> None:
     backend = app.config.get("SESSION_BACKEND", "cookie")
     if backend not in SESSION_BACKENDS:
@@ -50,6 +64,7 @@ def init_sessions(app: Flask) -> None:
             f"setting SESSION_BACKEND must be one of {', '.join(SESSION_BACKENDS)}; got {backend!r}"
         )
     if backend == "cookie":
+        app.session_interface = SignedCookieSessions()
         return
     app.config.update(_server_session_store(app))
     app.config.setdefault("SESSION_KEY_PREFIX", "tally-session:")

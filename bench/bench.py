@@ -2,11 +2,14 @@
 
 - the helper's counter step (``store.add``) per store, in one process and in four processes on one
   counter; next to it the raw client's own increment (pylibmc ``incr``, redis-py ``incrby``), the two
-  called in turn and timed call by call;
+  called in turn and timed call by call (medians);
 - the shared-value ``update`` per store;
 - HTTP: ``POST /api/counters/<name>/incr`` against the bare ``GET /livez`` in the same gunicorn
   configuration (4 workers x 8 threads), per shared store, driven by wrk (Python clients where wrk is
-  missing) in alternated pairs of runs; the ratio is the median of the pairs' ratios.
+  missing) in alternated pairs of runs; the ratio is the median of the pairs' ratios;
+- HTTP on memcached and Redis once more, against the raw client's increment in a bare Flask view
+  (no validation, no error mapping) under the same gunicorn settings: the part of the gap to the
+  bare route that is the store's round trip, which every correct shared counter pays.
 
 Servers run on free loopback ports and are stopped by pid.  Every loop is bounded in time and count.
 Prints a Markdown table; figures vary with the machine, ratios much less.
@@ -162,6 +165,27 @@ def workers_cpu_seconds(master_pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+class CpuMeter:
+    """Worker CPU per request of each kind of run, summed over the runs (``measure`` wrapped)."""
+
+    def __init__(self, measure: Callable[[str, str, int], float], seconds: int) -> None:
+        self.measure = measure
+        self.seconds = seconds
+        self.totals: dict[str, list[float]] = {}
+
+    def run(self, kind: str, server: Gunicorn, path: str, method: str) -> float:
+        before = workers_cpu_seconds(server.process.pid)
+        per_second = self.measure(f"{server.url}{path}", method, self.seconds)
+        total = self.totals.setdefault(kind, [0.0, 0.0])
+        total[0] += workers_cpu_seconds(server.process.pid) - before
+        total[1] += per_second * self.seconds
+        return per_second
+
+    def per_request_us(self, kind: str) -> float:
+        cpu_seconds, requests = self.totals[kind]
+        return cpu_seconds / requests * 1e6
+
+
 def http_pair(env: dict[str, str], rounds: int, seconds: int) -> dict[str, float | bool]:
     """Counter route vs bare route under gunicorn 4x8: req/s (medians of alternated pairs) and the
     workers' CPU per request, which a shared VM's wall-clock noise disturbs far less."""
@@ -171,33 +195,56 @@ def http_pair(env: dict[str, str], rounds: int, seconds: int) -> dict[str, float
         server.start()
         check = run_load(f"{server.url}/api/counters/exact/incr", clients=32, requests=30)
         measure(f"{server.url}/livez", "GET", 1)  # warm up every worker
-        cpu = {"counter": [0.0, 0.0], "bare": [0.0, 0.0]}  # seconds, requests
-
-        def timed(kind: str, path: str, method: str) -> float:
-            before = workers_cpu_seconds(server.process.pid)
-            per_second = measure(f"{server.url}{path}", method, seconds)
-            cpu[kind][0] += workers_cpu_seconds(server.process.pid) - before
-            cpu[kind][1] += per_second * seconds
-            return per_second
-
+        cpu = CpuMeter(measure, seconds)
         counter, bare, ratio = paired(
-            lambda: timed("counter", "/api/counters/bench/incr", "POST"),
-            lambda: timed("bare", "/livez", "GET"),
+            lambda: cpu.run("counter", server, "/api/counters/bench/incr", "POST"),
+            lambda: cpu.run("bare", server, "/livez", "GET"),
             rounds,
         )
-        counter_cpu = cpu["counter"][0] / cpu["counter"][1]
-        bare_cpu = cpu["bare"][0] / cpu["bare"][1]
         return {
             "counter": counter,
             "bare": bare,
             "ratio": ratio,
             "exact": check.passed(0),
-            "counter_cpu_us": counter_cpu * 1e6,
-            "bare_cpu_us": bare_cpu * 1e6,
-            "cpu_ratio": bare_cpu / counter_cpu,
+            "counter_cpu_us": cpu.per_request_us("counter"),
+            "bare_cpu_us": cpu.per_request_us("bare"),
+            "cpu_ratio": cpu.per_request_us("bare") / cpu.per_request_us("counter"),
         }
     finally:
         server.stop()
+
+
+def raw_route_pair(
+    env: dict[str, str], raw_env: dict[str, str], rounds: int, seconds: int
+) -> dict[str, float]:
+    """Tally's counter route vs the raw client's own increment in a bare Flask view
+    (tests/naive_app.py ``/raw/<name>/incr``), each under gunicorn 4x8, measured in alternated pairs:
+    what Tally's route costs beyond the store's round trip that any correct shared counter pays."""
+    measure = wrk_rate if shutil.which("wrk") else python_rate
+    tally = Gunicorn(env, workers=4, threads=8)
+    raw = Gunicorn(raw_env, workers=4, threads=8, app="naive_app:app", use_project_config=False)
+    try:
+        tally.start()
+        raw.start()
+        for server in (tally, raw):
+            measure(f"{server.url}/livez", "GET", 1)
+        cpu = CpuMeter(measure, seconds)
+        counter, raw_rate, ratio = paired(
+            lambda: cpu.run("counter", tally, "/api/counters/bench/incr", "POST"),
+            lambda: cpu.run("raw", raw, "/raw/bench-raw/incr", "POST"),
+            rounds,
+        )
+        return {
+            "counter": counter,
+            "raw": raw_rate,
+            "ratio": ratio,
+            "counter_cpu_us": cpu.per_request_us("counter"),
+            "raw_cpu_us": cpu.per_request_us("raw"),
+            "cpu_ratio": cpu.per_request_us("raw") / cpu.per_request_us("counter"),
+        }
+    finally:
+        tally.stop()
+        raw.stop()
 
 
 def main() -> int:
@@ -215,7 +262,7 @@ def main() -> int:
         print(f"  {what}: {figure:,.0f} {unit} {ratio}", file=sys.stderr)
 
     began = time.monotonic()
-    memcached = Memcached("memcached").start() if "memcached" in only else None
+    memcached = Memcached(threads=1).start() if "memcached" in only else None
     redis_server = Redis(appendfsync="everysec").start() if "redis" in only else None
     try:
         if "filesystem" in only:
@@ -248,15 +295,16 @@ def main() -> int:
             store = MemcachedCounterStore([memcached.address], key_prefix="bench:")
             raw = pylibmc.Client([memcached.address], behaviors=store._behaviors)
             raw.set("raw", b"1000")
-            raw_rate = rate(lambda: raw.incr("raw", 1), seconds)
-            helper_rate = rate(lambda: store.add("c", 1), seconds)
-            row("memcached raw pylibmc incr", raw_rate, "ops/s")
+            helper_rate, raw_rate, ratio = interleaved(
+                lambda: store.add("c", 1), lambda: raw.incr("raw", 1), seconds
+            )
+            row("memcached raw pylibmc incr (median call)", raw_rate, "ops/s")
             row(
-                "memcached helper incr",
+                "memcached helper incr (median call)",
                 helper_rate,
                 "ops/s",
-                "raw pylibmc incr",
-                f"{helper_rate / raw_rate:.2f}x",
+                "raw pylibmc incr, call by call",
+                f"{ratio:.2f}x",
                 ">= 0.90x",
             )
             row(
@@ -267,15 +315,16 @@ def main() -> int:
         if redis_server is not None:
             store = RedisCounterStore(redis_server.url, key_prefix="bench:")
             raw = redis.Redis.from_url(redis_server.url)
-            raw_rate = rate(lambda: raw.incrby("raw", 1), seconds)
-            helper_rate = rate(lambda: store.add("c", 1), seconds)
-            row("redis raw redis-py incrby", raw_rate, "ops/s")
+            helper_rate, raw_rate, ratio = interleaved(
+                lambda: store.add("c", 1), lambda: raw.incrby("raw", 1), seconds
+            )
+            row("redis raw redis-py incrby (median call)", raw_rate, "ops/s")
             row(
-                "redis helper incr",
+                "redis helper incr (median call)",
                 helper_rate,
                 "ops/s",
-                "raw redis-py incrby",
-                f"{helper_rate / raw_rate:.2f}x",
+                "raw redis-py incrby, call by call",
+                f"{ratio:.2f}x",
                 ">= 0.90x",
             )
             row(
@@ -283,10 +332,11 @@ def main() -> int:
                 rate(lambda: store.update_value("v", append_one), seconds),
                 "ops/s",
             )
-        http_stores = []
+        http_stores = []  # (name, Tally's environment, target, the raw-client app's environment)
         if "filesystem" in only:
-            http_stores.append(("filesystem", {"FLASK_CACHE_TYPE": "FileSystemCache"}, ">= 0.85x"))
+            http_stores.append(("filesystem", {"FLASK_CACHE_TYPE": "FileSystemCache"}, ">= 0.85x", None))
         if memcached is not None:
+            pylibmc.Client([memcached.address]).set("bench-raw", b"0")
             http_stores.append(
                 (
                     "memcached",
@@ -296,6 +346,7 @@ def main() -> int:
                         "FLASK_COUNTER_KEY_PREFIX": f"http{os.getpid()}:",
                     },
                     ">= 0.85x",
+                    {"NAIVE_MEMCACHED_SERVERS": memcached.address},
                 )
             )
         if redis_server is not None:
@@ -308,9 +359,10 @@ def main() -> int:
                         "FLASK_COUNTER_KEY_PREFIX": f"http{os.getpid()}:",
                     },
                     ">= 0.75x",
+                    {"NAIVE_REDIS_URL": redis_server.url},
                 )
             )
-        for name, env, target in http_stores:
+        for name, env, target, raw_env in http_stores:
             env = {**env, "FLASK_COUNTER_DIR": tempfile.mkdtemp(prefix="bench-http-")}
             result = http_pair(env, rounds, http_seconds)
             exact = "" if result["exact"] else " (VALUES WRONG)"
@@ -331,6 +383,24 @@ def main() -> int:
                 "bare route (capacity = 1/CPU)",
                 f"{result['cpu_ratio']:.2f}x",
                 target,
+            )
+            if raw_env is None:
+                continue
+            versus_raw = raw_route_pair(env, raw_env, rounds, http_seconds)
+            row(f"HTTP raw-client route, {name} (bare view)", versus_raw["raw"], "req/s")
+            row(
+                f"HTTP POST /api/counters/bench/incr, {name}",
+                versus_raw["counter"],
+                "req/s",
+                "raw-client route",
+                f"{versus_raw['ratio']:.2f}x",
+            )
+            row(
+                f"worker CPU per request, counter route vs raw-client route, {name}",
+                versus_raw["counter_cpu_us"],
+                "us",
+                f"raw-client route: {versus_raw['raw_cpu_us']:,.0f} us",
+                f"{versus_raw['cpu_ratio']:.2f}x",
             )
     finally:
         if memcached is not None:

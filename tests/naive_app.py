@@ -73,6 +73,31 @@ def naive_set_read(key):
     return jsonify(value=cache.get(key) or [])
 
 
+if os.environ.get("NAIVE_REDIS_URL"):
+    import redis
+
+    raw_redis = redis.Redis.from_url(os.environ["NAIVE_REDIS_URL"])
+
+    @app.post("/raw/<name>/incr")
+    def raw_redis_incr(name):
+        """The raw client in a bare view (no validation, no error mapping): what Tally's route is
+        measured against in ``make bench``."""
+        return jsonify(value=raw_redis.incrby(name, 1))
+
+elif os.environ.get("NAIVE_MEMCACHED_SERVERS"):
+    import pylibmc
+
+    raw_pool = pylibmc.ThreadMappedPool(
+        pylibmc.Client(cache_config["CACHE_MEMCACHED_SERVERS"], behaviors={"tcp_nodelay": True})
+    )
+
+    @app.post("/raw/<name>/incr")
+    def raw_memcached_incr(name):
+        """The raw client in a bare view: memcached's own incr (the bench creates the key first)."""
+        with raw_pool.reserve() as client:
+            return jsonify(value=client.incr(name, 1))
+
+
 @app.get("/livez")
 def livez():
     return jsonify(status="ok")

@@ -90,12 +90,32 @@ class Server:
 
 
 class Memcached(Server):
+    """memcached with ``threads`` worker threads (the bench uses one, so that two client connections
+    compared call by call are served alike, not by whichever thread each happened to land on)."""
+
+    def __init__(self, name: str = "memcached", port: int | None = None, threads: int = 2) -> None:
+        super().__init__(name, port)
+        self.threads = threads
+
     def command(self) -> list[str]:
         binary = shutil.which("memcached")
         if binary is None:
             raise RuntimeError("memcached is not installed: run `make test` (it installs it)")
         user = ["-u", "root"] if os.geteuid() == 0 else []
-        return [binary, *user, "-l", HOST, "-p", str(self.port), "-U", "0", "-m", "64", "-t", "2"]
+        return [
+            binary,
+            *user,
+            "-l",
+            HOST,
+            "-p",
+            str(self.port),
+            "-U",
+            "0",
+            "-m",
+            "64",
+            "-t",
+            str(self.threads),
+        ]
 
 
 class Redis(Server):
