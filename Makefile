@@ -3,18 +3,29 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
+STORE_EXTRAS := .[memcached,redis]
+TEST_EXTRAS := .[memcached,redis,test]
 
 .PHONY: run test bench race-report lint servers clean
+
+# pylibmc ships wheels up to CPython 3.11; on a newer Python it compiles against libmemcached and
+# zlib: as root with apt, their headers are installed and the install tried once more.
+define install_with_headers
+$(PIP) install -e '$(1)' || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	&& echo "pylibmc needs libmemcached and zlib headers here: installing libmemcached-dev zlib1g-dev" \
+	&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libmemcached-dev zlib1g-dev >/dev/null \
+	&& $(PIP) install -e '$(1)'; }
+endef
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -e .
 	@# The memcached and Redis clients are extras: the filesystem default works without them.
-	$(PIP) install -e '.[memcached,redis]' || echo "warning: pylibmc/redis not installed; the filesystem and memory stores still work (see README, Install)"
+	$(call install_with_headers,$(STORE_EXTRAS)) || echo "warning: pylibmc/redis not installed; the filesystem and memory stores still work (see README, Install)"
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) install -e '.[memcached,redis,test]'
+	$(call install_with_headers,$(TEST_EXTRAS)) || { echo "make test needs pylibmc: see README, Install"; exit 1; }
 	touch $@
 
 run: $(VENV)/.base
