@@ -8,40 +8,104 @@ counters live in the counter store under that id, so they stay atomic in both mo
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from flask import Flask, Request
-from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
+from flask import Flask, Request, Response, request
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface, SessionMixin
 from flask_session import Session
 
 from settings import ConfigError
+from tally import StoreUnavailable
 
 SESSION_BACKENDS = ("cookie", "server")
 
 
-def _server_session_store(app: Flask) -> dict:
-    """Flask-Session settings for the configured store: thread-safe clients of the same servers."""
+def _server_session_store(app: Flask) -> tuple[dict, tuple[type[BaseException], ...]]:
+    """Flask-Session settings for the configured store (thread-safe clients of the same servers,
+    with the counters' timeout and no hidden retries), and the errors its client raises when the
+    store cannot be reached."""
     config = app.config
     backend = config["CACHE_TYPE"]
     lifetime = int(app.permanent_session_lifetime.total_seconds())
+    timeout = config["COUNTER_TIMEOUT"]
     if backend == "RedisCache":
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
-        return {"SESSION_TYPE": "redis", "SESSION_REDIS": redis.Redis.from_url(config["CACHE_REDIS_URL"])}
+        client = redis.Redis.from_url(
+            config["CACHE_REDIS_URL"],
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+        return {"SESSION_TYPE": "redis", "SESSION_REDIS": client}, (redis.ConnectionError, redis.TimeoutError)
     if backend == "MemcachedCache":
         # pymemcache's pooled clients are thread-safe (one pylibmc client is not, under gthread).
         from pymemcache.client.hash import HashClient
+        from pymemcache.exceptions import MemcacheError
 
         addresses = (server.rpartition(":") for server in config["CACHE_MEMCACHED_SERVERS"])
         servers = [(host, int(port)) for host, _, port in addresses]
-        return {"SESSION_TYPE": "memcached", "SESSION_MEMCACHED": HashClient(servers, use_pooling=True)}
+        client = HashClient(
+            servers,
+            use_pooling=True,
+            connect_timeout=timeout,
+            timeout=timeout,
+            retry_attempts=1,
+            retry_timeout=1,
+            dead_timeout=1,  # try a failed server again after a second, as the counters' client does
+        )
+        return {"SESSION_TYPE": "memcached", "SESSION_MEMCACHED": client}, (MemcacheError, OSError)
     from cachelib import FileSystemCache, SimpleCache
 
     if backend == "SimpleCache":
-        return {"SESSION_TYPE": "cachelib", "SESSION_CACHELIB": SimpleCache(default_timeout=lifetime)}
+        return {"SESSION_TYPE": "cachelib", "SESSION_CACHELIB": SimpleCache(default_timeout=lifetime)}, ()
     directory = os.path.join(app.instance_path, "sessions")
     # threshold 0: cachelib never prunes live sessions to make room; expired ones go as they expire.
     store = FileSystemCache(directory, threshold=0, default_timeout=lifetime, mode=0o600)
-    return {"SESSION_TYPE": "cachelib", "SESSION_CACHELIB": store}
+    return {"SESSION_TYPE": "cachelib", "SESSION_CACHELIB": store}, ()
+
+
+#: Where a session store's error waits (in the WSGI environ) for the first before-request hook.
+SESSION_ERROR = "tally.session_error"
+
+
+class UnreachableStoreIs503:
+    """A Flask-Session interface whose store errors become ``StoreUnavailable``: a request whose
+    session cannot be read or saved answers 503 within the store timeout, as a counter would,
+    instead of a 500 after the client's own retries.
+
+    Flask opens the session before its error handlers apply, so a failed open hands the request a
+    null session and leaves the error for ``raise_session_store_error`` to raise before any view.
+    """
+
+    def __init__(self, inner: Any, errors: tuple[type[BaseException], ...]) -> None:
+        self._inner = inner
+        self._errors = errors
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def open_session(self, app: Flask, request: Request) -> SessionMixin | None:
+        try:
+            return self._inner.open_session(app, request)
+        except self._errors as error:
+            request.environ[SESSION_ERROR] = StoreUnavailable(f"the session store did not answer: {error}")
+            return self._inner.make_null_session(app)
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        try:
+            self._inner.save_session(app, session, response)
+        except self._errors as error:
+            raise StoreUnavailable(f"the session store did not answer: {error}") from error
+
+
+def raise_session_store_error() -> None:
+    """Before every request: the session could not be opened, so the request fails with 503."""
+    error = request.environ.pop(SESSION_ERROR, None)
+    if error is not None:
+        raise error
 
 
 class SignedCookieSessions(SecureCookieSessionInterface):
@@ -66,6 +130,10 @@ def init_sessions(app: Flask) -> None:
     if backend == "cookie":
         app.session_interface = SignedCookieSessions()
         return
-    app.config.update(_server_session_store(app))
+    settings, errors = _server_session_store(app)
+    app.config.update(settings)
     app.config.setdefault("SESSION_KEY_PREFIX", "tally-session:")
     Session(app)
+    if errors:
+        app.session_interface = UnreachableStoreIs503(app.session_interface, errors)
+        app.before_request(raise_session_store_error)

@@ -84,6 +84,10 @@ def load_settings(app: Flask, overrides: dict[str, Any] | None = None) -> None:
         app.config.update(overrides)
     check_settings(app.config)
     app.config["RATELIMIT_STORAGE_URI"] = rate_limit_storage(app.config)
+    app.config.setdefault(
+        "RATELIMIT_STORAGE_OPTIONS",
+        rate_limit_storage_options(app.config["RATELIMIT_STORAGE_URI"], app.config["COUNTER_TIMEOUT"]),
+    )
     for key in ("CACHE_DIR", "COUNTER_DIR"):
         app.config[key] = os.path.abspath(os.path.join(app.instance_path, app.config[key]))
     if app.config["COUNTER_DIR"] == app.config["CACHE_DIR"]:
@@ -179,3 +183,16 @@ def rate_limit_storage(config: dict[str, Any]) -> str:
     if config["CACHE_TYPE"] == "MemcachedCache":
         return "memcached://" + ",".join(config["CACHE_MEMCACHED_SERVERS"])
     return "memory://"
+
+
+def rate_limit_storage_options(uri: str, timeout: float) -> dict[str, Any]:
+    """Client options for a limit storage on a server: the counters' timeout and no hidden retries,
+    so that a limit check on a hung server gives up as soon as a counter step would."""
+    if uri.startswith(("redis://", "rediss://", "unix://")):
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
+    if uri.startswith("memcached://"):
+        return {"connect_timeout": timeout, "timeout": timeout}
+    return {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flask import Flask, current_app, jsonify
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, InternalServerError
 
 from tally import CorruptCounter, StoreUnavailable, TallyError
 
@@ -16,6 +16,10 @@ def _json_error(status: int, error: str, detail: str):
 
 
 def handle_http_exception(exc: HTTPException):
+    if isinstance(exc, InternalServerError) and isinstance(exc.original_exception, TallyError):
+        # Raised outside the view (opening or saving a server-side session): Flask hands it here
+        # wrapped as a 500; it is answered like the same error raised in a view.
+        return handle_tally_error(exc.original_exception)
     response = _json_error(exc.code or 500, exc.name.lower().replace(" ", "_"), exc.description or "")
     for name, value in exc.get_headers():
         if name.lower() != "content-type":

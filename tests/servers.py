@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -86,7 +87,8 @@ class Server:
 
     def resume(self) -> None:
         assert self.process is not None
-        os.kill(self.process.pid, signal.SIGCONT)
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
 
 
 class Memcached(Server):
@@ -96,6 +98,25 @@ class Memcached(Server):
     def __init__(self, name: str = "memcached", port: int | None = None, threads: int = 2) -> None:
         super().__init__(name, port)
         self.threads = threads
+
+    def items(self, prefix: str = "") -> dict[str, dict[str, str]]:
+        """The keys it holds that start with ``prefix``, with memcached's facts about each
+        (``exp``: -1 for never; ``cas``: changed by every write), from ``lru_crawler metadump``."""
+        with socket.create_connection((HOST, self.port), timeout=5) as sock:
+            sock.sendall(b"lru_crawler metadump all\r\n")
+            data = b""
+            while not data.endswith(b"END\r\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise RuntimeError("memcached closed the connection during metadump")
+                data += chunk
+        found = {}
+        for line in data.decode().splitlines():
+            fields = dict(field.split("=", 1) for field in line.split() if "=" in field)
+            key = urllib.parse.unquote(fields.get("key", ""))
+            if "key" in fields and key.startswith(prefix):
+                found[key] = fields
+        return found
 
     def command(self) -> list[str]:
         binary = shutil.which("memcached")

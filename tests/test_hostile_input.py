@@ -209,26 +209,6 @@ def files_under(root: Path) -> dict[str, str]:
     return found
 
 
-def memcached_items(address: str, prefix: str) -> dict[str, tuple[str, str]]:
-    """Keys under ``prefix`` with their expiry and CAS id (any write changes the CAS id), listed by
-    memcached's ``lru_crawler metadump``."""
-    host, _, port = address.rpartition(":")
-    with socket.create_connection((host, int(port)), timeout=5) as sock:
-        sock.sendall(b"lru_crawler metadump all\r\n")
-        data = b""
-        while not data.endswith(b"END\r\n"):
-            chunk = sock.recv(65536)
-            assert chunk, "memcached closed the connection during metadump"
-            data += chunk
-    items = {}
-    for line in data.decode().splitlines():
-        fields = dict(field.split("=", 1) for field in line.split() if "=" in field)
-        key = fields.get("key", "")
-        if key.startswith(quote(prefix, safe="")):
-            items[key] = (fields["exp"], fields["cas"])
-    return items
-
-
 def redis_items(url: str, prefix: str) -> dict[bytes, tuple[bytes | None, int]]:
     """Keys under ``prefix`` with their value and expiry time (absolute: a write would move it)."""
     import redis
@@ -243,7 +223,7 @@ def redis_items(url: str, prefix: str) -> dict[bytes, tuple[bytes | None, int]]:
         client.close()
 
 
-def snapshot(app, backend: str, root: Path):
+def snapshot(app, backend: str, root: Path, memcached_server=None):
     """Everything a request could have changed: the files under the test's folder (counters, values,
     sessions, page cache, secret key) and, for a server store, its keys under the counter prefix."""
     state = {"files": files_under(root)}
@@ -253,8 +233,8 @@ def snapshot(app, backend: str, root: Path):
     elif backend == "redis":
         state["redis"] = redis_items(app.config["CACHE_REDIS_URL"], app.config["COUNTER_KEY_PREFIX"])
     elif backend == "memcached":
-        servers = app.config["CACHE_MEMCACHED_SERVERS"]
-        state["memcached"] = memcached_items(servers[0], app.config["COUNTER_KEY_PREFIX"])
+        items = memcached_server.items(app.config["COUNTER_KEY_PREFIX"])
+        state["memcached"] = {key: (facts["exp"], facts["cas"]) for key, facts in items.items()}
     return state
 
 
@@ -275,8 +255,10 @@ def hostile(request, make_app, store_settings, tmp_path):
         assert client.post(path, json=body).status_code == 200
     assert client.get("/").status_code == 200  # the session, hits and recent visitors exist too
 
+    server = request.getfixturevalue("memcached_server") if backend == "memcached" else None
+
     def unchanged_since() -> object:
-        return snapshot(app, backend, tmp_path)
+        return snapshot(app, backend, tmp_path, server)
 
     before = unchanged_since()
     assert before["files"] if backend == "filesystem" else True

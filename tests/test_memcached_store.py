@@ -181,3 +181,55 @@ def test_counters_keep_counting_after_heavy_traffic_with_dashes(memcached_server
         assert store.add("min", store.min_value) == store.min_value
         with pytest.raises(Overflow):
             store.add("min", -1)
+
+
+def test_adding_a_server_moves_only_the_keys_the_new_server_takes(two_servers):
+    """Consistent hashing (ketama): with a third server, every key it does not take stays where it
+    was (modulo hashing would move about two thirds of them, and their counters would restart)."""
+    keys = [f"ring{i}" for i in range(300)]
+    third = Memcached("memcached").start()
+    try:
+        servers = [*two_servers, third]
+        before = MemcachedCounterStore([s.address for s in two_servers], key_prefix="ring:")
+        for key in keys:
+            before.add(key, 1)
+        homes_before = {key: where(servers, f"ring:{key}") for key in keys}
+        for server in servers:
+            pylibmc.Client([server.address]).flush_all()
+        after = MemcachedCounterStore([s.address for s in servers], key_prefix="ring:")
+        for key in keys:
+            after.add(key, 1)
+        homes_after = {key: where(servers, f"ring:{key}") for key in keys}
+    finally:
+        third.stop()
+    taken = [key for key in keys if homes_after[key] == [third.address]]
+    assert 0 < len(taken) < len(keys) / 2
+    assert all(homes_after[key] == homes_before[key] for key in keys if key not in taken)
+
+
+def test_counters_and_values_are_stored_without_expiry(memcached_server):
+    store = MemcachedCounterStore([memcached_server.address], key_prefix="noexp:")
+    store.add("plain", 1)
+    store.add("big", FAST_STEP_MAX + 1)  # the gets/cas path
+    store.set("set", 5)
+    store.update_value("value", lambda _: b"[]")
+    store.add("@0123456789abcdef0123456789abcdef.mine", 1, ttl=3600)
+    items = memcached_server.items("noexp:")
+    assert {key: facts["exp"] for key, facts in items.items() if "@" not in key} == {
+        "noexp:plain": "-1",
+        "noexp:big": "-1",
+        "noexp:set": "-1",
+        "noexp:=value": "-1",
+    }
+    assert items["noexp:@0123456789abcdef0123456789abcdef.mine"]["exp"] != "-1"  # per-client: expires
+
+
+def test_more_threads_than_connections_wait_then_answer_503_not_a_pool_error(memcached_server):
+    store = MemcachedCounterStore([memcached_server.address], key_prefix="pool:", pool_size=1, timeout=0.3)
+    store.add("c", 1)
+    with store._client():  # the only connection, held by another request
+        began = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="COUNTER_POOL_SIZE"):
+            store.add("c", 1)
+        assert time.monotonic() - began >= 0.25  # it waited for a connection first
+    assert store.add("c", 1) == 2  # nothing was counted by the refused step

@@ -124,3 +124,52 @@ def test_a_memcached_restart_answers_503_then_serves_again(tmp_path):
     finally:
         server.stop()
         store.stop()
+
+
+@pytest.mark.parametrize("kind", ["hang", "stop"])
+@pytest.mark.parametrize("backend", ["memcached", "redis"])
+def test_server_side_sessions_answer_503_quickly_while_the_store_is_away(make_app, tmp_path, backend, kind):
+    """With SESSION_BACKEND = "server" every request reads its session from the store first: an
+    unreachable store is a 503 within the timeout there too (not a 500 after the client's own
+    retries, nor a request that hangs), and service returns with the store."""
+    store = start_store(backend)
+    try:
+        app = make_app({**settings_for(backend, store, tmp_path), "SESSION_BACKEND": "server"})
+        client = app.test_client()
+        assert client.get("/inc").get_data(as_text=True) == "counter is 1"
+        (store.pause if kind == "hang" else store.stop)()
+        for path in ("/inc", "/api/counters/c/incr"):
+            began = time.monotonic()
+            response = client.post(path)
+            assert time.monotonic() - began < TIMEOUT + 2.5, path  # it hung for good before
+            assert response.status_code == 503, path
+            assert response.get_json()["error"] == "store_unavailable", path
+        (store.resume if kind == "hang" else store.start)()
+        deadline = time.monotonic() + 15
+        while client.get("/inc").status_code != 200:
+            assert time.monotonic() < deadline, "no 200 within 15 s of the store's return"
+            time.sleep(0.2)
+    finally:
+        store.resume()
+        store.stop()
+
+
+@pytest.mark.parametrize("kind", ["hang", "stop"])
+@pytest.mark.parametrize("backend", ["memcached", "redis"])
+def test_with_rate_limits_an_unreachable_store_is_still_a_quick_503(make_app, tmp_path, backend, kind):
+    """The limits live in the same store: while it is away the limit check gives up within the
+    counters' timeout and lets the request through to the counter, which answers 503 (Flask-Limiter
+    would otherwise answer 500, or wait on a hung server without end)."""
+    store = start_store(backend)
+    try:
+        settings = {**settings_for(backend, store, tmp_path), "RATELIMIT_ENABLED": True}
+        client = make_app(settings, RATELIMIT_DEFAULT="100 per minute").test_client()
+        assert client.post("/api/counters/c/incr").status_code == 200
+        (store.pause if kind == "hang" else store.stop)()
+        began = time.monotonic()
+        response = client.post("/api/counters/c/incr")
+        assert time.monotonic() - began < 2 * TIMEOUT + 2.5
+        assert response.status_code == 503 and response.get_json()["error"] == "store_unavailable"
+    finally:
+        store.resume()
+        store.stop()

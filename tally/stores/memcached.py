@@ -16,7 +16,9 @@ the counter would start again from 0): while a server is down its counters answe
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -87,6 +89,7 @@ class MemcachedCounterStore(CounterStore):
         self._binary = binary
         client = pylibmc.Client(self.servers, binary=binary, behaviors=self._behaviors)
         self._pool = pylibmc.ClientPool(client, pool_size)
+        self._pool_size = pool_size
         self._started_at: dict[str, float] = {}
         self._update_locks = KeyLocks()
 
@@ -95,13 +98,23 @@ class MemcachedCounterStore(CounterStore):
 
     @contextmanager
     def _client(self) -> Iterator[Any]:
+        """A client of the pool, waited for at most ``timeout`` s when all are in use (more threads
+        than ``COUNTER_POOL_SIZE``): then ``StoreUnavailable``, never an error of the pool's own."""
         try:
-            with self._pool.reserve() as client:
-                yield client
+            client = self._pool.get(timeout=self.timeout)
+        except queue.Empty:
+            raise StoreUnavailable(
+                f"all {self._pool_size} memcached connections of this process stayed busy for"
+                f" {self.timeout} s; raise COUNTER_POOL_SIZE to at least the gunicorn threads"
+            ) from None
+        try:
+            yield client
         except pylibmc.NotFound:
             raise
         except pylibmc.Error as error:
             raise StoreUnavailable(f"memcached {', '.join(self.servers)}: {error}") from error
+        finally:
+            self._pool.put(client)
 
     def _decode(self, key: str, raw: Any) -> int:
         try:
@@ -257,5 +270,10 @@ class MemcachedCounterStore(CounterStore):
         return report
 
     def close(self) -> None:
-        with self._pool.reserve() as client:
+        idle = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                idle.append(self._pool.get_nowait())
+        for client in idle:
             client.disconnect_all()
+            self._pool.put(client)
