@@ -106,9 +106,9 @@ def _start_value(base_url: str, path: str, timeout: float) -> int | None:
 )
 @click.option(
     "--keepalive/--new-connections",
-    default=False,
+    default=True,
     show_default=True,
-    help="Keep one connection per client, or open one per request (spreads over workers).",
+    help="Keep one connection per client (as browsers and API clients do), or open one per request.",
 )
 @click.option(
     "--start",

@@ -161,6 +161,7 @@ def test_a_shared_set_keeps_every_member_under_concurrent_adds(serve, store_sett
         requests=20,
         body_for=member_body,
         integer_values=False,
+        keepalive=False,  # a new connection per add: the adds of each client spread over the workers
         timeout=30,  # contended updates queue up; a slow answer is not what this test is about
     )
     assert report.errors == {} and report.ok == CLIENTS * 20, (report.statuses, report.errors)

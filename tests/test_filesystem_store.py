@@ -252,3 +252,20 @@ def test_fsync_mode_counts_the_same(tmp_path):
     store = FileCounterStore(str(tmp_path), fsync=True)
     assert [store.add("sync", 1) for _ in range(20)] == list(range(1, 21))
     assert FileCounterStore(str(tmp_path)).get("sync") == 20
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_fsync_mode_flushes_every_step_before_it_returns(tmp_path, monkeypatch, fsync):
+    store = FileCounterStore(str(tmp_path), fsync=fsync)
+    store.add("sync", 1)  # the file exists: what follows are plain steps
+    store.update_value("v", lambda _: b"1")
+    flushed = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda fd, real=real, name=name: (flushed.append(name), real(fd))[1])
+    for _ in range(5):
+        store.add("sync", 1)
+    store.set("sync", 3)
+    store.update_value("v", lambda _: b"2")
+    expected = 6 + 2 if fsync else 0  # each step's data; a value also its directory (os.replace)
+    assert len(flushed) == expected, flushed

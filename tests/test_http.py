@@ -795,3 +795,86 @@ def test_errors_are_json_with_no_store(web):
     response = web.get("/api/counters/-x")
     assert response.headers["Cache-Control"] == "no-store"
     assert json.loads(response.get_data(as_text=True))["error"] == "invalid_name"
+
+
+# -- shared values over HTTP -----------------------------------------------------------------------
+
+
+def test_a_shared_set_over_http(web):
+    assert web.get("/api/shared/team").get_json() == {"key": "team", "value": None}
+    assert web.post("/api/shared/team/add", json={"member": "bo"}).get_json() == {
+        "key": "team",
+        "value": ["bo"],
+    }
+    web.post("/api/shared/team/add", json={"member": "al"})
+    response = web.post("/api/shared/team/add", json={"member": "bo"})  # a set: no second "bo"
+    assert response.get_json()["value"] == ["al", "bo"]
+    assert response.headers["Cache-Control"] == "no-store"
+    assert web.get("/api/shared/team").get_json()["value"] == ["al", "bo"]
+
+
+def test_adding_a_member_to_a_value_that_is_not_a_set_is_400_and_changes_nothing(admin):
+    admin.put("/api/shared/config", json={"value": {"a": 1}}, headers=ADMIN)
+    assert_error(admin.post("/api/shared/config/add", json={"member": "x"}), 400)
+    assert admin.get("/api/shared/config").get_json()["value"] == {"a": 1}
+
+
+def test_admin_put_and_delete_of_a_shared_value(admin):
+    nested = {"list": [1, 2.5, "three", None, True], "dict": {"é": "ü"}}
+    response = admin.put("/api/shared/blob", json={"value": nested}, headers=ADMIN)
+    assert response.status_code == 200 and response.get_json() == {"key": "blob", "value": nested}
+    assert admin.get("/api/shared/blob").get_json()["value"] == nested
+    assert admin.delete("/api/shared/blob", headers=ADMIN).get_json() == {"key": "blob", "value": None}
+    assert admin.get("/api/shared/blob").get_json()["value"] is None
+
+
+def test_shared_value_admin_routes_are_403_without_a_configured_token(web):
+    web.post("/api/shared/team/add", json={"member": "bo"})
+    for headers in ({}, {"Authorization": "Bearer anything"}):
+        assert_error(web.put("/api/shared/team", json={"value": []}, headers=headers), 403, "forbidden")
+        assert_error(web.delete("/api/shared/team", headers=headers), 403, "forbidden")
+    assert web.get("/api/shared/team").get_json()["value"] == ["bo"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-token"}, {"Authorization": TOKEN}])
+def test_shared_value_admin_routes_are_401_without_the_right_token(admin, headers):
+    admin.post("/api/shared/team/add", json={"member": "bo"})
+    assert_error(admin.put("/api/shared/team", json={"value": []}, headers=headers), 401, "unauthorized")
+    assert_error(admin.delete("/api/shared/team", headers=headers), 401, "unauthorized")
+    assert admin.get("/api/shared/team").get_json()["value"] == ["bo"]
+
+
+def test_a_damaged_shared_value_file_is_a_500_never_read_as_missing(fs_app, web):
+    web.post("/api/shared/team/add", json={"member": "bo"})
+    path = os.path.join(fs_app.config["COUNTER_DIR"], ".values", "data", "team")
+    with open(path, "r+b") as file:
+        file.seek(-2, os.SEEK_END)
+        file.write(b"!!")
+    assert_error(web.get("/api/shared/team"), 500, "corrupt_value")
+    assert_error(web.post("/api/shared/team/add", json={"member": "al"}), 500, "corrupt_value")
+
+
+# -- the page --------------------------------------------------------------------------------------
+
+
+def test_the_page_lists_the_last_ten_visitors_once_each_newest_first(fs_app):
+    def visit(browser) -> tuple[str, list[str]]:
+        page = browser.get("/").get_data(as_text=True)
+        me = re.search(r"you are <code>([0-9a-f]{8})</code>", page).group(1)
+        return me, re.findall(r"<li><code>([0-9a-f]{8})</code></li>", page)
+
+    browsers = [fs_app.test_client() for _ in range(12)]
+    ids = [visit(browser)[0] for browser in browsers]
+    assert len(set(ids)) == 12
+    me, listed = visit(browsers[3])  # a second visit moves it to the front, listed once
+    assert me == ids[3]
+    assert listed == [ids[3], *ids[11:3:-1], ids[2]]
+
+
+def test_the_page_names_the_store_and_loads_nothing_from_elsewhere(make_app, store_settings, backend):
+    page = make_app(store_settings(backend)).test_client().get("/").get_data(as_text=True)
+    names = {"filesystem": "filesystem", "memory": "memory", "memcached": "memcached", "redis": "redis"}
+    assert f"<strong>{names[backend]}</strong> store" in page
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # no CDN: the machine may be offline
+    assert '<html lang="en">' in page and "<main>" in page
+    assert all(f'aria-label="{label}"' in page for label in ("add one", "take one away"))

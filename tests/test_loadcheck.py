@@ -71,3 +71,23 @@ def test_bad_arguments_get_a_clear_message(cli, args, message):
     result = loadcheck(cli, *args)
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_values_outside_the_expected_range_are_reported(cli, serve, store_settings):
+    """A counter that starts from another value than the one given (here: told 100, it is at 0)."""
+    server = serve(settings_env(store_settings("filesystem")), workers=2, threads=4)
+    result = loadcheck(cli, server.url, "--clients", "4", "--requests", "5", "--start", "100")
+    assert result.exit_code == 1, result.output
+    assert "out of range     20" in result.output
+    assert "gaps             20 (of 101 .. 120)" in result.output
+    assert "FAILED" in result.output
+
+
+def test_the_deadline_stops_the_run_and_what_was_sent_is_checked(cli, serve, store_settings):
+    server = serve(settings_env(store_settings("filesystem")), workers=2, threads=4)
+    result = loadcheck(cli, server.url, "--clients", "4", "--requests", "100000", "--deadline", "1")
+    assert result.exit_code == 0, result.output
+    sent = int(result.output.split("responses")[1].split()[0])
+    assert 0 < sent < 400_000
+    assert f"gaps             0 (of 1 .. {sent})" in result.output
+    assert "latency          p50 " in result.output and " ms, p99 " in result.output
