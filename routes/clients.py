@@ -2,7 +2,7 @@
 
 The session (Flask's signed cookie) holds only a random client id; the counters live in the
 counter store under that id, so two tabs or two workers updating one client never lose an update.
-They expire PERMANENT_SESSION_LIFETIME after their last write, as the session does.
+They expire PERMANENT_SESSION_LIFETIME after their last use (read or write), as the session does.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ class Counters:
 
 
 class ClientCounters:
-    """Counters private to one client id; each expires ``lifetime`` seconds after its last write."""
+    """Counters private to one client id; each expires ``lifetime`` seconds after its last use."""
 
     def __init__(self, counters: Counters, client_id: str, lifetime: int) -> None:
         self._counters = counters
@@ -103,7 +103,8 @@ class ClientCounters:
         return self._counters.store.add(self._key(name), -_check_amount(by), ttl=self._lifetime)
 
     def get(self, name: str) -> int:
-        return self._counters.store.get(self._key(name))
+        """The value; reading renews the counter's lifetime, as every request renews the session."""
+        return self._counters.store.get(self._key(name), ttl=self._lifetime)
 
     def reset(self, name: str) -> bool:
         return self._counters.store.delete(self._key(name))

@@ -189,3 +189,14 @@ def test_client_counters_expire_and_shared_ones_do_not(ctx):
     assert mine.get("brief") == 0
     assert mine.incr("brief") == 1
     assert counters.get("forever") == 1
+
+
+def test_reading_a_client_counter_renews_its_lifetime(ctx):
+    """The session is renewed by every request, reads included: so is the counter.  Unread, a
+    3-second counter is gone within 4 s on every store; read every 1.5 s, it is still there."""
+    mine = counters.for_client(CLIENT, lifetime=3)
+    mine.incr("read", 7)
+    for _ in range(3):
+        time.sleep(1.5)
+        assert mine.get("read") == 7
+    assert counters.for_client(OTHER_CLIENT, lifetime=3).get("read") == 0  # reading creates nothing

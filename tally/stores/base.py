@@ -62,8 +62,10 @@ class CounterStore(ABC):
         """
 
     @abstractmethod
-    def get(self, key: str) -> int:
-        """The current value, 0 when the key is missing or expired."""
+    def get(self, key: str, ttl: int | None = None) -> int:
+        """The current value, 0 when the key is missing or expired.  With ``ttl`` a live key's
+        lifetime is renewed: it now expires ``ttl`` seconds after this read (a missing key stays
+        missing)."""
 
     @abstractmethod
     def set(self, key: str, value: int, ttl: int | None = None) -> None:

@@ -267,7 +267,9 @@ class FileCounterStore(CounterStore):
             self._maybe_sweep()
         return result
 
-    def get(self, key: str) -> int:
+    def get(self, key: str, ttl: int | None = None) -> int:
+        if ttl:
+            return self._renew(key, ttl)
         try:
             while True:
                 handle = self._handle(key, create=False)
@@ -292,6 +294,17 @@ class FileCounterStore(CounterStore):
                     return self._live_value(record)
         except OSError as error:
             raise StoreUnavailable(f"counter directory {self.directory}: {error}") from error
+
+    def _renew(self, key: str, ttl: int) -> int:
+        """Read under the lock and, if the record is live, write it back with a new expiry."""
+
+        def step(fd: int | None, record: tuple[int, int] | None) -> int:
+            if fd is None or record is None or self._is_expired(record):
+                return 0
+            self._write(fd, record[0], ttl)
+            return record[0]
+
+        return self._locked(key, False, step)
 
     def set(self, key: str, value: int, ttl: int | None = None) -> None:
         self.check_range(value)

@@ -182,9 +182,12 @@ class MemcachedCounterStore(CounterStore):
                     return new
         raise Conflict(f"counter {key!r} changed under {CAS_RETRIES} attempts to add {delta}")
 
-    def get(self, key: str) -> int:
+    def get(self, key: str, ttl: int | None = None) -> int:
+        mkey = self._key(key)
         with self._client() as client:
-            raw = client.get(self._key(key))
+            raw = client.get(mkey)
+            if ttl and raw is not None:
+                client.touch(mkey, memcached_expiry(ttl))
         return 0 if raw is None else self._decode(key, raw)
 
     def set(self, key: str, value: int, ttl: int | None = None) -> None:

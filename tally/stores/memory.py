@@ -49,9 +49,14 @@ class MemoryCounterStore(CounterStore):
             self._store(key, value, ttl, now)
             return value
 
-    def get(self, key: str) -> int:
+    def get(self, key: str, ttl: int | None = None) -> int:
         with self._lock:
-            return self._current(key, time.monotonic())
+            now = time.monotonic()
+            value = self._current(key, now)
+            entry = self._values.get(key)
+            if ttl and entry is not None and (entry[1] is None or entry[1] > now):
+                self._values[key] = (value, now + ttl)
+            return value
 
     def set(self, key: str, value: int, ttl: int | None = None) -> None:
         self.check_range(value)

@@ -72,9 +72,14 @@ class RedisCounterStore(CounterStore):
                 value, _ = pipe.incrby(rkey, delta).expire(rkey, ttl).execute()
             return int(value)
 
-    def get(self, key: str) -> int:
+    def get(self, key: str, ttl: int | None = None) -> int:
+        rkey = self._key(key)
         with self._errors(key):
-            raw = self._redis.get(self._key(key))
+            if ttl:
+                with self._redis.pipeline(transaction=True) as pipe:
+                    raw, _ = pipe.get(rkey).expire(rkey, ttl).execute()
+            else:
+                raw = self._redis.get(rkey)
         if raw is None:
             return 0
         try:
