@@ -95,7 +95,7 @@ def test_an_outage_under_load_answers_503_and_never_a_wrong_value(tmp_path, back
         assert report.errors == {}, report.errors
         assert set(report.statuses) == {200, 503}, report.statuses
         assert report.duplicates == 0
-        assert max(report.latencies) < TIMEOUT + 4  # bounded by the store timeout, not the OS's
+        assert max(report.latencies) < TIMEOUT + 1, max(report.latencies)  # the store timeout, not the OS
         wait_for_200(f"{server.url}/healthz")
         wait_for_200(f"{server.url}/api/counters/outage")
         final = status_of(f"{server.url}/api/counters/outage")[1]["value"]
