@@ -306,6 +306,14 @@ def a_valid_step(body: object) -> bool:
     return isinstance(by, int) and not isinstance(by, bool) and 1 <= by < 2**63
 
 
+def json_round_trips(value: object) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        return False
+    return True
+
+
 SLOW = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -339,7 +347,13 @@ def test_random_bytes_as_a_body_are_refused(hostile, raw, route):
         parsed = json.loads(raw)
     except ValueError:
         parsed = None
-    valid = a_valid_step(parsed) if route in STEP_ROUTES else isinstance(parsed, dict) and "value" in parsed
+    if route in STEP_ROUTES:
+        valid = a_valid_step(parsed)
+    elif route == "/api/counters/a":
+        value = parsed.get("value") if isinstance(parsed, dict) and set(parsed) == {"value"} else None
+        valid = isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+    else:  # a shared value: any JSON that can be written back as JSON
+        valid = isinstance(parsed, dict) and set(parsed) == {"value"} and json_round_trips(parsed["value"])
     if valid or not raw.strip():
         return  # a well-formed request (or an empty body, which means "by 1") is not hostile
     method = "POST" if route in STEP_ROUTES else "PUT"

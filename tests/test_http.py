@@ -765,6 +765,38 @@ def test_without_a_secret_key_one_is_generated_once_and_kept(make_app, store_set
     ]  # no temporary files left behind
 
 
+def _generate_key_at(instance: str, start_at: float, keys) -> None:
+    from flask import Flask
+
+    from settings import ensure_secret_key
+
+    app = Flask("racer", instance_path=instance)
+    while time.time() < start_at:
+        time.sleep(0.001)
+    ensure_secret_key(app)
+    keys.put(app.config["SECRET_KEY"])
+
+
+def test_workers_starting_together_all_get_the_same_generated_key(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    keys = context.Queue()
+    start_at = time.time() + 0.5
+    racers = [
+        context.Process(target=_generate_key_at, args=(str(tmp_path), start_at, keys)) for _ in range(8)
+    ]
+    for racer in racers:
+        racer.start()
+    found = {keys.get(timeout=30) for _ in racers}
+    for racer in racers:
+        racer.join(timeout=30)
+    with open(tmp_path / "secret_key", encoding="ascii") as file:
+        assert found == {file.read().strip()}
+    assert stat.S_IMODE(os.stat(tmp_path / "secret_key").st_mode) == 0o600
+    assert os.listdir(tmp_path) == ["secret_key"]
+
+
 def test_a_session_from_one_worker_is_valid_in_another(make_app, store_settings):
     """Two apps on one instance folder stand for two gunicorn workers: the same key, the same client."""
     settings = store_settings("filesystem")
