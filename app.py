@@ -8,8 +8,9 @@ from typing import Any
 from flask import Flask
 
 from commands import counters_cli
-from common import cache, counters, limiter
-from routes import api, clients, errors, health, limits, pages, shared  # noqa: F401 - limits registers a filter
+from common import cache, counters
+from routes import api, clients, errors, health, pages, shared
+from routes.limits import init_limits
 from sessions import init_sessions
 from settings import ensure_secret_key, load_settings, refuse_weak_secret_key
 
@@ -30,7 +31,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     refuse_weak_secret_key(app)
     cache.init_app(app)
     counters.init_app(app)
-    limiter.init_app(app)
+    init_limits(app)  # off unless RATELIMIT_ENABLED; storage follows the counter store (settings.py)
     init_sessions(app)
     errors.register(app)
     for blueprint in (pages.bp, api.bp, clients.bp, shared.bp, health.bp):

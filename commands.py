@@ -106,9 +106,10 @@ def _start_value(base_url: str, path: str, timeout: float) -> int | None:
 )
 @click.option(
     "--keepalive/--new-connections",
-    default=True,
+    default=False,
     show_default=True,
-    help="Keep one connection per client (as browsers and API clients do), or open one per request.",
+    help="Keep one connection per client, or open one per request (the default: it spreads every"
+    " client over the server's worker processes; kept-alive connections may all land on one).",
 )
 @click.option(
     "--start",

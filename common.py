@@ -1,8 +1,6 @@
 """Extension instances, created without an app: importing this module never talks to a server."""
 
 from flask_caching import Cache
-from flask_limiter import Limiter
-from flask_limiter.util import get_remote_address
 
 from tally import Counters, SharedValues
 
@@ -12,5 +10,3 @@ cache = Cache()
 counters = Counters()
 #: Shared JSON values with an atomic ``update`` (on the store ``counters`` set up).
 shared = SharedValues()
-#: Flask-Limiter, off unless RATELIMIT_ENABLED; its storage follows the counter store (settings.py).
-limiter = Limiter(key_func=get_remote_address)

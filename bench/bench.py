@@ -186,62 +186,55 @@ class CpuMeter:
         return cpu_seconds / requests * 1e6
 
 
-def http_pair(env: dict[str, str], rounds: int, seconds: int) -> dict[str, float | bool]:
-    """Counter route vs bare route under gunicorn 4x8: req/s (medians of alternated pairs) and the
-    workers' CPU per request, which a shared VM's wall-clock noise disturbs far less."""
+def compare_routes(first: tuple, second: tuple, rounds: int, seconds: int) -> dict[str, float]:
+    """Two routes, each ``(server, path, method)``, measured in alternated pairs of ``seconds`` runs:
+    the medians of their req/s and of the pairs' ratio (first / second), and the workers' CPU per
+    request of each, which a shared VM's wall-clock noise disturbs far less."""
     measure = wrk_rate if shutil.which("wrk") else python_rate
+    for server in {first[0], second[0]}:
+        measure(f"{server.url}/livez", "GET", 1)  # warm up every worker
+    cpu = CpuMeter(measure, seconds)
+    first_rate, second_rate, ratio = paired(
+        lambda: cpu.run("first", *first), lambda: cpu.run("second", *second), rounds
+    )
+    return {
+        "first": first_rate,
+        "second": second_rate,
+        "ratio": ratio,
+        "first_cpu_us": cpu.per_request_us("first"),
+        "second_cpu_us": cpu.per_request_us("second"),
+        "cpu_ratio": cpu.per_request_us("second") / cpu.per_request_us("first"),
+    }
+
+
+COUNTER_ROUTE = "/api/counters/bench/incr"
+
+
+def http_pair(env: dict[str, str], rounds: int, seconds: int) -> tuple[dict[str, float], bool]:
+    """Counter route vs the bare ``/livez`` of the same server (gunicorn 4x8); and whether 32
+    clients x 30 increments came back exact first."""
     server = Gunicorn(env, workers=4, threads=8)
     try:
         server.start()
         check = run_load(f"{server.url}/api/counters/exact/incr", clients=32, requests=30)
-        measure(f"{server.url}/livez", "GET", 1)  # warm up every worker
-        cpu = CpuMeter(measure, seconds)
-        counter, bare, ratio = paired(
-            lambda: cpu.run("counter", server, "/api/counters/bench/incr", "POST"),
-            lambda: cpu.run("bare", server, "/livez", "GET"),
-            rounds,
-        )
-        return {
-            "counter": counter,
-            "bare": bare,
-            "ratio": ratio,
-            "exact": check.passed(0),
-            "counter_cpu_us": cpu.per_request_us("counter"),
-            "bare_cpu_us": cpu.per_request_us("bare"),
-            "cpu_ratio": cpu.per_request_us("bare") / cpu.per_request_us("counter"),
-        }
+        result = compare_routes((server, COUNTER_ROUTE, "POST"), (server, "/livez", "GET"), rounds, seconds)
+        return result, check.passed(0)
     finally:
         server.stop()
 
 
-def raw_route_pair(
-    env: dict[str, str], raw_env: dict[str, str], rounds: int, seconds: int
-) -> dict[str, float]:
+def raw_route_pair(env: dict[str, str], raw_env: dict[str, str], rounds: int, seconds: int):
     """Tally's counter route vs the raw client's own increment in a bare Flask view
-    (tests/naive_app.py ``/raw/<name>/incr``), each under gunicorn 4x8, measured in alternated pairs:
-    what Tally's route costs beyond the store's round trip that any correct shared counter pays."""
-    measure = wrk_rate if shutil.which("wrk") else python_rate
+    (tests/naive_app.py ``/raw/<name>/incr``), each under gunicorn 4x8: what Tally's route costs
+    beyond the store's round trip that any correct shared counter pays."""
     tally = Gunicorn(env, workers=4, threads=8)
     raw = Gunicorn(raw_env, workers=4, threads=8, app="naive_app:app", use_project_config=False)
     try:
         tally.start()
         raw.start()
-        for server in (tally, raw):
-            measure(f"{server.url}/livez", "GET", 1)
-        cpu = CpuMeter(measure, seconds)
-        counter, raw_rate, ratio = paired(
-            lambda: cpu.run("counter", tally, "/api/counters/bench/incr", "POST"),
-            lambda: cpu.run("raw", raw, "/raw/bench-raw/incr", "POST"),
-            rounds,
+        return compare_routes(
+            (tally, COUNTER_ROUTE, "POST"), (raw, "/raw/bench-raw/incr", "POST"), rounds, seconds
         )
-        return {
-            "counter": counter,
-            "raw": raw_rate,
-            "ratio": ratio,
-            "counter_cpu_us": cpu.per_request_us("counter"),
-            "raw_cpu_us": cpu.per_request_us("raw"),
-            "cpu_ratio": cpu.per_request_us("raw") / cpu.per_request_us("counter"),
-        }
     finally:
         tally.stop()
         raw.stop()
@@ -364,21 +357,21 @@ def main() -> int:
             )
         for name, env, target, raw_env in http_stores:
             env = {**env, "FLASK_COUNTER_DIR": tempfile.mkdtemp(prefix="bench-http-")}
-            result = http_pair(env, rounds, http_seconds)
-            exact = "" if result["exact"] else " (VALUES WRONG)"
-            row(f"HTTP bare GET /livez ({name} config)", result["bare"], "req/s")
+            result, exact = http_pair(env, rounds, http_seconds)
+            wrong = "" if exact else " (VALUES WRONG)"
+            row(f"HTTP bare GET /livez ({name} config)", result["second"], "req/s")
             row(
-                f"HTTP POST /api/counters/bench/incr, {name}{exact}",
-                result["counter"],
+                f"HTTP POST {COUNTER_ROUTE}, {name}{wrong}",
+                result["first"],
                 "req/s",
                 "bare route",
                 f"{result['ratio']:.2f}x",
                 target,
             )
-            row(f"worker CPU per request, bare route ({name} config)", result["bare_cpu_us"], "us")
+            row(f"worker CPU per request, bare route ({name} config)", result["second_cpu_us"], "us")
             row(
                 f"worker CPU per request, counter route, {name}",
-                result["counter_cpu_us"],
+                result["first_cpu_us"],
                 "us",
                 "bare route (capacity = 1/CPU)",
                 f"{result['cpu_ratio']:.2f}x",
@@ -387,19 +380,19 @@ def main() -> int:
             if raw_env is None:
                 continue
             versus_raw = raw_route_pair(env, raw_env, rounds, http_seconds)
-            row(f"HTTP raw-client route, {name} (bare view)", versus_raw["raw"], "req/s")
+            row(f"HTTP raw-client route, {name} (bare view)", versus_raw["second"], "req/s")
             row(
-                f"HTTP POST /api/counters/bench/incr, {name}",
-                versus_raw["counter"],
+                f"HTTP POST {COUNTER_ROUTE}, {name}",
+                versus_raw["first"],
                 "req/s",
                 "raw-client route",
                 f"{versus_raw['ratio']:.2f}x",
             )
             row(
                 f"worker CPU per request, counter route vs raw-client route, {name}",
-                versus_raw["counter_cpu_us"],
+                versus_raw["first_cpu_us"],
                 "us",
-                f"raw-client route: {versus_raw['raw_cpu_us']:,.0f} us",
+                f"raw-client route: {versus_raw['second_cpu_us']:,.0f} us",
                 f"{versus_raw['cpu_ratio']:.2f}x",
             )
     finally:

@@ -149,6 +149,15 @@ def test_writes_over_the_limit_get_429_json_with_retry_after(make_app, store_set
     assert [client.get("/inc").status_code for _ in range(4)] == [200, 200, 200, 429]
 
 
+def test_each_app_keeps_its_own_limits(make_app, store_settings):
+    """Flask-Limiter keeps the first configuration an instance sees: shared by two apps, the second
+    would get the first one's limits (seen: a "3 per minute" app answering 200 to a fourth write)."""
+    generous = limited_app(make_app, store_settings, limit="100 per minute").test_client()
+    strict = limited_app(make_app, store_settings, limit="3 per minute").test_client()
+    assert [strict.post("/api/counters/s/incr").status_code for _ in range(4)] == [200, 200, 200, 429]
+    assert all(generous.post("/api/counters/g/incr").status_code == 200 for _ in range(10))
+
+
 def test_reads_are_never_limited(make_app, store_settings):
     client = limited_app(make_app, store_settings, limit="1 per minute").test_client()
     client.post("/api/counters/r/incr")
