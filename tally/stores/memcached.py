@@ -55,8 +55,8 @@ class MemcachedCounterStore(CounterStore):
     Values live only in memcached's memory: a restart of a server, ``flush_all`` (Flask-Caching's
     ``cache.clear()`` on this backend), or an eviction loses the counters on that server (run memcached
     with ``-M`` so that it refuses writes rather than evict).  ``health`` reports each server's uptime
-    and evictions, and notes a restart it sees.  An unreachable server raises ``StoreUnavailable``
-    within ``timeout`` seconds.
+    and evictions, and flags (and logs once) a server that started after the app did.  An unreachable
+    server raises ``StoreUnavailable`` within ``timeout`` seconds.
     """
 
     backend = "memcached"
@@ -90,7 +90,8 @@ class MemcachedCounterStore(CounterStore):
         client = pylibmc.Client(self.servers, binary=binary, behaviors=self._behaviors)
         self._pool = pylibmc.ClientPool(client, pool_size)
         self._pool_size = pool_size
-        self._started_at: dict[str, float] = {}
+        self._built_at = time.time()
+        self._logged_starts: dict[str, float] = {}
         self._update_locks = KeyLocks()
 
     def _key(self, key: str) -> str:
@@ -256,17 +257,21 @@ class MemcachedCounterStore(CounterStore):
         uptime = int(stats["uptime"])
         evictions = int(stats["evictions"])
         started = time.time() - uptime
-        previous = self._started_at.get(address)
-        restarted = previous is not None and started > previous + 2
-        if previous is None or restarted:
-            self._started_at[address] = started
         report = {"address": address, "reachable": True, "uptime": uptime, "evictions": evictions}
-        if restarted:
+        # Started after this store was built (in gunicorn's master, so for every worker alike): what
+        # the server held before is gone.  2 s of slack for memcached's one-second clock.
+        if started > self._built_at + 2:
             report["restarted"] = True
-            report["warning"] = "restarted since last seen: the counters it held were lost"
-            log.warning(
-                "memcached %s restarted (uptime %d s): the counters it held were lost", address, uptime
+            report["warning"] = (
+                f"started {round(time.time() - started)} s ago, after this app: the counters it held"
+                " before were lost"
             )
+            previous = self._logged_starts.get(address)
+            if previous is None or abs(started - previous) > 2:
+                self._logged_starts[address] = started
+                log.warning(
+                    "memcached %s restarted (uptime %d s): the counters it held were lost", address, uptime
+                )
         if evictions:
             report["warning"] = "memcached evicted items: counters may have been lost; run it with -M"
             log.warning("memcached %s has evicted %d items: counters may have been lost", address, evictions)
