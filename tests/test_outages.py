@@ -8,6 +8,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 
 import pytest
 
@@ -102,23 +103,35 @@ def load_through(server: Gunicorn, outage, recovery, result: dict) -> None:
 
 @pytest.mark.parametrize(
     "backend,kind",
-    [("memcached", "hang"), ("redis", "hang"), ("redis", "stop")],
+    [("memcached", "hang"), ("redis", "hang"), ("redis", "stop"), ("memcached", "stop")],
 )
 def test_an_outage_under_load_answers_503_and_never_a_wrong_value(tmp_path, backend, kind):
+    """Six seconds of load; the store hangs (SIGSTOP) or is killed and started again on its port
+    for two of them.  Only 200s and 503s, none slower than the timeout + 1 s, and service returns."""
     store = start_store(backend)
     server = Gunicorn(settings_env(settings_for(backend, store, tmp_path)), workers=4, threads=8)
     try:
         server.start()
-        result: dict = {}  # "stop": killed and started again on its port; Redis keeps its AOF
+        result: dict = {}
         load_through(server, lambda: take_away(store, kind), lambda: bring_back(store, kind), result)
         report = result["report"]
         assert report.errors == {}, report.errors
         assert set(report.statuses) == {200, 503}, report.statuses
-        assert report.duplicates == 0
         assert max(report.latencies) < TIMEOUT + 1, max(report.latencies)  # the store timeout, not the OS
         wait_for_200(f"{server.url}/healthz")
         wait_for_200(f"{server.url}/api/counters/outage")
         final = status_of(f"{server.url}/api/counters/outage")[1]["value"]
+        if (backend, kind) == ("memcached", "stop"):
+            # memcached keeps nothing across a restart: the counter counted again from 0 (README,
+            # "Guarantees and limits").  So a number may come back once more, and only one that the
+            # new count reached; within each run of the server, every number was handed out once.
+            repeats = Counter(report.values)
+            assert max(repeats.values()) <= 2
+            assert all(value <= final for value, seen in repeats.items() if seen == 2)
+            assert final <= report.sent
+            return
+        # Redis keeps its counters (hang: in memory; stop: in its AOF): no number is ever repeated.
+        assert report.duplicates == 0
         # Every 200 carried a value that really was the counter's; a 503 may or may not have counted.
         assert max(report.values) <= final <= report.sent
     finally:
