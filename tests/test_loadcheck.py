@@ -19,6 +19,12 @@ def cli(make_app, store_settings):
     return make_app(store_settings("filesystem")).test_cli_runner()
 
 
+@pytest.fixture
+def small_server(serve, store_settings):
+    """Tally on the filesystem store under gunicorn, 2 workers x 4 threads."""
+    return serve(settings_env(store_settings("filesystem")), workers=2, threads=4)
+
+
 def test_a_correct_counter_passes_with_exit_0(cli, serve, store_settings):
     server = serve(settings_env(store_settings("filesystem")), workers=4, threads=8)
     result = loadcheck(cli, server.url, "--clients", "40", "--requests", "25", "--name", "checked")
@@ -28,10 +34,12 @@ def test_a_correct_counter_passes_with_exit_0(cli, serve, store_settings):
     assert "verdict          OK" in result.output
 
 
-def test_the_start_value_is_read_first(cli, serve, store_settings):
-    server = serve(settings_env(store_settings("filesystem")), workers=2, threads=4)
-    assert loadcheck(cli, server.url, "--clients", "5", "--requests", "4", "--name", "again").exit_code == 0
-    result = loadcheck(cli, server.url, "--clients", "5", "--requests", "4", "--name", "again")
+def test_the_start_value_is_read_first(cli, small_server):
+    assert (
+        loadcheck(cli, small_server.url, "--clients", "5", "--requests", "4", "--name", "again").exit_code
+        == 0
+    )
+    result = loadcheck(cli, small_server.url, "--clients", "5", "--requests", "4", "--name", "again")
     assert result.exit_code == 0, result.output
     assert "start value      20\n" in result.output
     assert "gaps             0 (of 21 .. 40)" in result.output
@@ -73,19 +81,17 @@ def test_bad_arguments_get_a_clear_message(cli, args, message):
     assert message in result.output
 
 
-def test_values_outside_the_expected_range_are_reported(cli, serve, store_settings):
+def test_values_outside_the_expected_range_are_reported(cli, small_server):
     """A counter that starts from another value than the one given (here: told 100, it is at 0)."""
-    server = serve(settings_env(store_settings("filesystem")), workers=2, threads=4)
-    result = loadcheck(cli, server.url, "--clients", "4", "--requests", "5", "--start", "100")
+    result = loadcheck(cli, small_server.url, "--clients", "4", "--requests", "5", "--start", "100")
     assert result.exit_code == 1, result.output
     assert "out of range     20" in result.output
     assert "gaps             20 (of 101 .. 120)" in result.output
     assert "FAILED" in result.output
 
 
-def test_the_deadline_stops_the_run_and_what_was_sent_is_checked(cli, serve, store_settings):
-    server = serve(settings_env(store_settings("filesystem")), workers=2, threads=4)
-    result = loadcheck(cli, server.url, "--clients", "4", "--requests", "100000", "--deadline", "1")
+def test_the_deadline_stops_the_run_and_what_was_sent_is_checked(cli, small_server):
+    result = loadcheck(cli, small_server.url, "--clients", "4", "--requests", "100000", "--deadline", "1")
     assert result.exit_code == 0, result.output
     sent = int(result.output.split("responses")[1].split()[0])
     assert 0 < sent < 400_000
