@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STORE_EXTRAS := .[memcached,redis]
 TEST_EXTRAS := .[memcached,redis,test]
 
-.PHONY: run test bench race-report lint servers clean
+.PHONY: run test stress bench race-report lint servers clean
 
 # pylibmc ships wheels up to CPython 3.11; on a newer Python it compiles against libmemcached and
 # zlib: as root with apt, their headers are installed and the install tried once more.
@@ -45,6 +45,10 @@ servers:
 
 test: $(VENV)/.test servers
 	$(PY) -m pytest
+
+# The long runs of the race tests: every keep-alive shared-set round 30 times, on fresh gunicorn.
+stress: $(VENV)/.test servers
+	TALLY_STRESS_ROUNDS=$${TALLY_STRESS_ROUNDS:-30} $(PY) -m pytest -p no:randomly -x tests/test_concurrency.py -k keep_alive_clients
 
 bench: $(VENV)/.test servers
 	@# wrk drives the HTTP part; without it the bench falls back to (noisier) Python clients.

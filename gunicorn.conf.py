@@ -1,6 +1,8 @@
 """Gunicorn settings for Tally, from the environment: TALLY_BIND, TALLY_WORKERS, TALLY_THREADS."""
 
+import faulthandler
 import os
+import signal
 
 bind = os.environ.get("TALLY_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("TALLY_WORKERS", "4"))
@@ -8,7 +10,7 @@ threads = int(os.environ.get("TALLY_THREADS", "8"))
 worker_class = "gthread" if threads > 1 else "sync"
 keepalive = 5
 timeout = 30
-graceful_timeout = 10
+graceful_timeout = int(os.environ.get("TALLY_GRACEFUL_TIMEOUT", "10"))
 accesslog = os.environ.get("TALLY_ACCESS_LOG") or None
 # gunicorn >= 27 opens a control socket at one fixed path per user; Tally does not use it, and two
 # instances on one host (tests, blue/green) would fight over it.  Older versions ignore this name.
@@ -35,3 +37,33 @@ def on_starting(server):
             f" set to {server.cfg.workers} workers; use TALLY_WORKERS=1 or a shared store"
             " (FileSystemCache, MemcachedCache, RedisCache)"
         )
+
+
+def post_fork(server, worker):
+    """The single worker of a memory store becomes the one process that counts (the master built the
+    store and never counts; a worker forked from it would otherwise be refused)."""
+    import app
+
+    store = app.app.extensions["tally"]
+    if not store.multi_process:
+        store.adopt()
+
+
+def post_worker_init(worker):
+    """On SIGTERM a worker exits within graceful_timeout, whatever its threads are doing.
+
+    gunicorn's own graceful stop lets in-flight requests finish for graceful_timeout, but then the
+    interpreter's exit joins every request thread, so one thread stuck in a call that never returns
+    would keep the worker alive for good (and orphaned, once the master has gone).  A C-level
+    watchdog (faulthandler: it needs no GIL and no Python thread to run) dumps every thread's stack to
+    the log, naming where it was stuck, and ends the process at the deadline.
+    """
+    graceful_stop = signal.getsignal(signal.SIGTERM)
+    deadline = max(1.0, float(worker.cfg.graceful_timeout))
+
+    def stop_within_deadline(signum, frame):
+        faulthandler.dump_traceback_later(deadline, exit=True)
+        graceful_stop(signum, frame)
+
+    signal.signal(signal.SIGTERM, stop_within_deadline)
+    signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn set it: no EINTR in active requests

@@ -41,22 +41,10 @@ def _server_session_store(app: Flask) -> tuple[dict, tuple[type[BaseException], 
         )
         return {"SESSION_TYPE": "redis", "SESSION_REDIS": client}, (redis.ConnectionError, redis.TimeoutError)
     if backend == "MemcachedCache":
-        # pymemcache's pooled clients are thread-safe (one pylibmc client is not, under gthread).
-        from pymemcache.client.hash import HashClient
-        from pymemcache.exceptions import MemcacheError
-
-        addresses = (server.rpartition(":") for server in config["CACHE_MEMCACHED_SERVERS"])
-        servers = [(host, int(port)) for host, _, port in addresses]
-        client = HashClient(
-            servers,
-            use_pooling=True,
-            connect_timeout=timeout,
-            timeout=timeout,
-            retry_attempts=1,
-            retry_timeout=1,
-            dead_timeout=1,  # try a failed server again after a second, as the counters' client does
-        )
-        return {"SESSION_TYPE": "memcached", "SESSION_MEMCACHED": client}, (MemcacheError, OSError)
+        # The counter store's own connections: a deadline per command, and a server that is down is
+        # never replaced by another (where the session would not be found).
+        client = app.extensions["tally"].session_client()
+        return {"SESSION_TYPE": "memcached", "SESSION_MEMCACHED": client}, (StoreUnavailable,)
     from cachelib import FileSystemCache, SimpleCache
 
     if backend == "SimpleCache":

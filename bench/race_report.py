@@ -106,7 +106,7 @@ def main() -> int:
                 print(f"  {row['variant']:<42} {row['server']:<26} done", file=sys.stderr)
     finally:
         memcached.stop()
-        redis.stop()
+        redis.remove()
     print(
         f"\n{CLIENTS} clients x {REQUESTS} POSTs each ({CLIENTS * REQUESTS} requests), "
         f"a new connection per request; {os.cpu_count()} cores; Python {sys.version.split()[0]}\n"

@@ -45,6 +45,15 @@ class StoreUnavailable(TallyError):
     code = "store_unavailable"
 
 
+class NotOneProcess(TallyError):
+    """The in-process memory store is used by a process that cannot be the only one counting (a fork
+    of the process that built it, or one of several processes of the app); nothing was read or
+    written."""
+
+    status = 500
+    code = "store_not_shared"
+
+
 class CorruptCounter(TallyError):
     """The stored record of a counter cannot be read as a valid value; it is reported, never read as 0."""
 

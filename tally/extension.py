@@ -42,7 +42,7 @@ class Counters:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
-        app.extensions[EXTENSION_KEY] = build_store(app.config)
+        app.extensions[EXTENSION_KEY] = build_store(app.config, app.instance_path)
 
     @property
     def store(self) -> CounterStore:

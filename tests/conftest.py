@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 
 import pytest
 
 # Set before `app` is imported anywhere, so its module-level app never writes into the source tree.
-os.environ.setdefault("TALLY_INSTANCE_PATH", tempfile.mkdtemp(prefix="tally-test-instance-"))
+SESSION_INSTANCE = os.environ.setdefault(
+    "TALLY_INSTANCE_PATH", tempfile.mkdtemp(prefix="tally-test-instance-")
+)
 
 from tests.servers import Gunicorn, Memcached, Redis  # noqa: E402
 
@@ -20,6 +23,14 @@ BACKENDS = {
     "redis": "RedisCache",
 }
 SHARED_BACKENDS = ["filesystem", "memcached", "redis"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_session_instance():
+    """The test run leaves no directory behind in the temp folder."""
+    yield
+    if os.path.basename(SESSION_INSTANCE).startswith("tally-test-instance-"):
+        shutil.rmtree(SESSION_INSTANCE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +44,7 @@ def memcached_server():
 def redis_server():
     server = Redis().start()
     yield server
-    server.stop()
+    server.remove()
 
 
 @pytest.fixture

@@ -35,7 +35,9 @@ if os.environ.get("NAIVE_MEMCACHED_SERVERS"):
 else:
     cache_config = {
         "CACHE_TYPE": "FileSystemCache",
-        "CACHE_DIR": os.environ.get("NAIVE_CACHE_DIR") or tempfile.mkdtemp(prefix="naive-cache-"),
+        # Under the server's instance folder (tests/servers.py removes it), never a stray temp dir.
+        "CACHE_DIR": os.environ.get("NAIVE_CACHE_DIR")
+        or os.path.join(os.environ.get("TALLY_INSTANCE_PATH") or tempfile.gettempdir(), "naive-cache"),
     }
 cache = Cache(app, config=cache_config)
 

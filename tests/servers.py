@@ -80,6 +80,10 @@ class Server:
         if self.process is not None:
             stop_process(self.process)
 
+    def remove(self) -> None:
+        """Stop for good, leaving nothing behind (``stop`` alone keeps data for a restart)."""
+        self.stop()
+
     def pause(self) -> None:
         """SIGSTOP: the server keeps its data and its port but answers nothing (a hung server)."""
         assert self.process is not None
@@ -148,6 +152,11 @@ class Redis(Server):
         self.appendfsync = appendfsync
         self.data_dir = tempfile.mkdtemp(prefix="tally-redis-")
 
+    def remove(self) -> None:
+        """Stop for good and delete the data directory (``stop`` keeps it, for a restart)."""
+        self.stop()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
     def command(self) -> list[str]:
         binary = shutil.which("redis-server")
         if binary is None:
@@ -194,6 +203,7 @@ class Gunicorn(Server):
         self.threads = threads
         self.app = app
         self.use_project_config = use_project_config
+        self._own_instance = instance_path is None  # made here, so removed here when stopped
         self.instance_path = instance_path or tempfile.mkdtemp(prefix="tally-instance-")
 
     @property
@@ -234,6 +244,11 @@ class Gunicorn(Server):
                 time.sleep(0.1)
         raise RuntimeError(f"gunicorn on {self.address} did not answer /livez")
 
+    def stop(self) -> None:
+        super().stop()
+        if self._own_instance:
+            shutil.rmtree(self.instance_path, ignore_errors=True)
+
     def log_text(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as log:
             return log.read()
@@ -262,3 +277,15 @@ class FlaskDevServer(Gunicorn):
         if not self.use_project_config:  # the naive apps live in tests/
             self.env = {**self.env, "PYTHONPATH": str(ROOT / "tests")}
         return super().start()  # type: ignore[return-value]
+
+
+class DevServer(Gunicorn):
+    """The app under Werkzeug's own server, ``app.run(threaded=True)`` or ``app.run(processes=N)``
+    (``model`` is "threaded" or "processes=N"), as the seed thread suggests."""
+
+    def __init__(self, env: dict[str, str], model: str, **options) -> None:
+        super().__init__({**env, "PYTHONPATH": str(ROOT)}, **options)
+        self.model = model
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(ROOT / "tests" / "dev_server.py"), str(self.port), self.model]

@@ -227,7 +227,7 @@ def test_counters_and_values_are_stored_without_expiry(memcached_server):
 def test_more_threads_than_connections_wait_then_answer_503_not_a_pool_error(memcached_server):
     store = MemcachedCounterStore([memcached_server.address], key_prefix="pool:", pool_size=1, timeout=0.3)
     store.add("c", 1)
-    with store._client():  # the only connection, held by another request
+    with store._client("pool:c"):  # the only connection, held by another request
         began = time.monotonic()
         with pytest.raises(StoreUnavailable, match="COUNTER_POOL_SIZE"):
             store.add("c", 1)

@@ -37,7 +37,7 @@ def own_store():
     yield start
     for store in started:
         store.resume()
-        store.stop()
+        store.remove()
 
 
 def take_away(store, kind: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -10,7 +11,7 @@ from .base import INT64_MAX, INT64_MIN, CounterStore
 __all__ = ["BACKENDS", "INT64_MAX", "INT64_MIN", "CounterStore", "build_store"]
 
 
-def _filesystem(config: Mapping[str, Any]) -> CounterStore:
+def _filesystem(config: Mapping[str, Any], instance_path: str) -> CounterStore:
     from .filesystem import FileCounterStore
 
     return FileCounterStore(
@@ -20,13 +21,13 @@ def _filesystem(config: Mapping[str, Any]) -> CounterStore:
     )
 
 
-def _memory(config: Mapping[str, Any]) -> CounterStore:
+def _memory(config: Mapping[str, Any], instance_path: str) -> CounterStore:
     from .memory import MemoryCounterStore
 
-    return MemoryCounterStore()
+    return MemoryCounterStore(lock_path=os.path.join(instance_path, "memory-store.lock"))
 
 
-def _memcached(config: Mapping[str, Any]) -> CounterStore:
+def _memcached(config: Mapping[str, Any], instance_path: str) -> CounterStore:
     from .memcached import MemcachedCounterStore
 
     return MemcachedCounterStore(
@@ -37,7 +38,7 @@ def _memcached(config: Mapping[str, Any]) -> CounterStore:
     )
 
 
-def _redis(config: Mapping[str, Any]) -> CounterStore:
+def _redis(config: Mapping[str, Any], instance_path: str) -> CounterStore:
     from .redis_store import RedisCounterStore
 
     return RedisCounterStore(
@@ -49,7 +50,7 @@ def _redis(config: Mapping[str, Any]) -> CounterStore:
 
 
 #: Flask-Caching backend name -> builder of the counter store that goes with it.
-BACKENDS: dict[str, Callable[[Mapping[str, Any]], CounterStore]] = {
+BACKENDS: dict[str, Callable[[Mapping[str, Any], str], CounterStore]] = {
     "FileSystemCache": _filesystem,
     "SimpleCache": _memory,
     "MemcachedCache": _memcached,
@@ -57,8 +58,9 @@ BACKENDS: dict[str, Callable[[Mapping[str, Any]], CounterStore]] = {
 }
 
 
-def build_store(config: Mapping[str, Any]) -> CounterStore:
-    """The one place that knows which backend is configured.  ``config`` is already checked."""
+def build_store(config: Mapping[str, Any], instance_path: str) -> CounterStore:
+    """The one place that knows which backend is configured.  ``config`` is already checked;
+    ``instance_path`` is the app's instance folder."""
     backend = config["CACHE_TYPE"]
     try:
         builder = BACKENDS[backend]
@@ -66,4 +68,4 @@ def build_store(config: Mapping[str, Any]) -> CounterStore:
         raise ValueError(
             f"CACHE_TYPE {backend!r} has no counter store; use one of {', '.join(BACKENDS)}"
         ) from None
-    return builder(config)
+    return builder(config, instance_path)

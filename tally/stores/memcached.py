@@ -1,45 +1,43 @@
-"""Counters in memcached through pylibmc: one or many servers, shared by every app host.
+"""Counters in memcached: one or many servers, shared by every app host.
 
 memcached's ``incr``/``decr`` are atomic but unsigned: ``decr`` stops at 0 and ``incr`` wraps past
 2**64-1.  Worse, memcached refuses to ``incr``/``decr`` a stored number of 2**63 or more whenever a
 "-" byte happens to lie in the slab memory after the item (its ``safe_strtoull`` scans with
 ``strchr``), so such numbers fail at random, depending on earlier traffic.  Values are therefore
 stored with an offset of 2**62, and the range is limited to +-4.6e18: every encoded value lies
-between 1.1e16 and 2**63 - 1.1e16, so no step (at most 2**31-1 here, pylibmc's limit for ``incr``)
-can clamp, wrap or reach 2**63, and a step that leaves the range is undone by the opposite step and
-reported as ``Overflow``.  Larger steps go through ``gets``/``cas``.
+between 1.1e16 and 2**63 - 1.1e16, so no ``incr``/``decr`` step (at most 2**31-1, far inside that
+margin) can clamp, wrap or reach 2**63, and a step that leaves the range is undone by the opposite
+step and reported as ``Overflow``.  Larger steps go through ``gets``/``cas``.
 
-Failed servers are never taken out of the ring (that would send their keys to another server, where
-the counter would start again from 0): while a server is down its counters answer
-``StoreUnavailable``, and after ``retry_timeout`` (1 s) the client tries it again.
+The client is ``memcached_client`` (pure Python, a deadline per command, a connection dropped after
+any failure); its docstring says why not pylibmc.  A server that is down is never taken out of the
+hashing (that would send its keys to another server, where the counter would start again from 0):
+while it is down its counters answer ``StoreUnavailable``, each command within ``timeout`` seconds.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import pylibmc
+from pymemcache.exceptions import MemcacheClientError, MemcacheError
 
 from ..errors import Conflict, CorruptCounter, StoreUnavailable
 from .base import VALUE_RETRIES, CounterStore, KeyLocks, pause_after_conflict
+from .memcached_client import Connection, PoolExhausted, ServerConnections, server_for
 
 log = logging.getLogger(__name__)
 
 OFFSET = 2**62
 LIMIT = 4_600_000_000_000_000_000
-#: pylibmc passes the step of incr/decr as a C int.
+#: Steps up to this size go through incr/decr; the encoding's margin (1.1e16) is far larger.
 FAST_STEP_MAX = 2**31 - 1
 #: memcached reads an expiry above 30 days as a unix timestamp, not a duration.
 RELATIVE_EXPIRY_MAX = 30 * 24 * 3600
 CAS_RETRIES = 50
-#: Errors after which a probe tells a damaged value from a transport failure.
-_AMBIGUOUS = (pylibmc.ClientError, pylibmc.ProtocolError, pylibmc.UnknownReadFailure)
 
 
 def memcached_expiry(ttl: int | None) -> int:
@@ -55,8 +53,9 @@ class MemcachedCounterStore(CounterStore):
     Values live only in memcached's memory: a restart of a server, ``flush_all`` (Flask-Caching's
     ``cache.clear()`` on this backend), or an eviction loses the counters on that server (run memcached
     with ``-M`` so that it refuses writes rather than evict).  ``health`` reports each server's uptime
-    and evictions, and flags (and logs once) a server that started after the app did.  An unreachable
-    server raises ``StoreUnavailable`` within ``timeout`` seconds.
+    and evictions, and flags (and logs once) a server that started after the app did.  Every command
+    to a server finishes or fails within ``timeout`` seconds; an unreachable server raises
+    ``StoreUnavailable``.
     """
 
     backend = "memcached"
@@ -71,25 +70,14 @@ class MemcachedCounterStore(CounterStore):
         key_prefix: str = "tally:",
         timeout: float = 0.5,
         pool_size: int = 16,
-        binary: bool = False,
     ) -> None:
         self.servers = list(servers)
         self.key_prefix = key_prefix
         self.timeout = timeout
-        timeout_ms = max(1, int(timeout * 1000))
-        self._behaviors = {
-            "tcp_nodelay": True,
-            "ketama": True,
-            "cas": True,
-            "connect_timeout": timeout_ms,
-            "_poll_timeout": timeout_ms,
-            "retry_timeout": 1,
-            "dead_timeout": 1,
-        }
-        self._binary = binary
-        client = pylibmc.Client(self.servers, binary=binary, behaviors=self._behaviors)
-        self._pool = pylibmc.ClientPool(client, pool_size)
         self._pool_size = pool_size
+        self._connections = {
+            address: ServerConnections(address, pool_size, timeout) for address in self.servers
+        }
         self._built_at = time.time()
         self._logged_starts: dict[str, float] = {}
         self._update_locks = KeyLocks()
@@ -98,24 +86,25 @@ class MemcachedCounterStore(CounterStore):
         return self.key_prefix + key
 
     @contextmanager
-    def _client(self) -> Iterator[Any]:
-        """A client of the pool, waited for at most ``timeout`` s when all are in use (more threads
-        than ``COUNTER_POOL_SIZE``): then ``StoreUnavailable``, never an error of the pool's own."""
+    def _client(self, mkey: str) -> Iterator[Connection]:
+        """A connection to the server of ``mkey``, waited for at most ``timeout`` s when all are in use
+        (more threads than ``COUNTER_POOL_SIZE``); every failure to talk to the server, and that wait
+        running out, is ``StoreUnavailable``."""
+        address = server_for(mkey, self.servers)
+        connections = self._connections[address]
         try:
-            client = self._pool.get(timeout=self.timeout)
-        except queue.Empty:
+            client = connections.take(self.timeout)
+            try:
+                yield client
+            finally:
+                connections.give(client)
+        except PoolExhausted:
             raise StoreUnavailable(
                 f"all {self._pool_size} memcached connections of this process stayed busy for"
                 f" {self.timeout} s; raise COUNTER_POOL_SIZE to at least the gunicorn threads"
             ) from None
-        try:
-            yield client
-        except pylibmc.NotFound:
-            raise
-        except pylibmc.Error as error:
-            raise StoreUnavailable(f"memcached {', '.join(self.servers)}: {error}") from error
-        finally:
-            self._pool.put(client)
+        except (MemcacheError, OSError) as error:
+            raise StoreUnavailable(f"memcached {address}: {type(error).__name__}: {error}") from error
 
     def _decode(self, key: str, raw: Any) -> int:
         try:
@@ -129,15 +118,16 @@ class MemcachedCounterStore(CounterStore):
     def _encode(value: int) -> bytes:
         return str(value + OFFSET).encode()
 
-    def _ambiguous_failure(self, client: Any, key: str, error: Exception) -> Exception:
-        """A non-numeric value and a broken reply raise the same pylibmc errors: look at the value."""
+    def _step(self, client: Connection, key: str, mkey: str, delta: int) -> int | None:
+        """``incr``/``decr`` by ``delta``: the new encoded value, ``None`` for a missing key.  memcached
+        answers CLIENT_ERROR for a value that is not a number: that is a damaged counter."""
         try:
-            raw = client.get(self._key(key))
-        except pylibmc.Error:
-            return StoreUnavailable(f"memcached {', '.join(self.servers)}: {error}")
-        if raw is not None:
-            self._decode(key, raw)
-        return StoreUnavailable(f"memcached {', '.join(self.servers)}: {error}")
+            return client.call("incr", mkey, delta) if delta > 0 else client.call("decr", mkey, -delta)
+        except MemcacheClientError:
+            raw = client.call("get", mkey)
+            if raw is not None:
+                self._decode(key, raw)
+            raise
 
     # -- the contract ------------------------------------------------------------------------------
 
@@ -145,61 +135,57 @@ class MemcachedCounterStore(CounterStore):
         if abs(delta) > FAST_STEP_MAX:
             return self._add_with_cas(key, delta, ttl)
         mkey = self._key(key)
-        with self._client() as client:
+        with self._client(mkey) as client:
             for _ in range(CAS_RETRIES):
-                try:
-                    raw = client.incr(mkey, delta) if delta > 0 else client.decr(mkey, -delta)
-                except pylibmc.NotFound:
+                raw = self._step(client, key, mkey, delta)
+                if raw is None:
                     initial = self.check_range(delta)
-                    if client.add(mkey, self._encode(initial), memcached_expiry(ttl)):
+                    if client.call("add", mkey, self._encode(initial), memcached_expiry(ttl)):
                         return initial
                     continue  # another client created it first: step again
-                except _AMBIGUOUS as error:
-                    raise self._ambiguous_failure(client, key, error) from error
                 value = raw - OFFSET
                 if not self.min_value <= value <= self.max_value:
-                    if delta > 0:
-                        client.decr(mkey, delta)
-                    else:
-                        client.incr(mkey, -delta)
+                    self._step(client, key, mkey, -delta)
                     self.check_range(value)
                 if ttl:
-                    client.touch(mkey, memcached_expiry(ttl))
+                    client.call("touch", mkey, memcached_expiry(ttl))
                 return value
         raise Conflict(f"counter {key!r} kept disappearing while being created")
 
     def _add_with_cas(self, key: str, delta: int, ttl: int | None) -> int:
         mkey = self._key(key)
-        with self._client() as client:
+        with self._client(mkey) as client:
             for _ in range(CAS_RETRIES):
-                raw, cas_id = client.gets(mkey)
+                raw, cas_id = client.call("gets", mkey)
                 if raw is None:
                     new = self.check_range(delta)
-                    if client.add(mkey, self._encode(new), memcached_expiry(ttl)):
+                    if client.call("add", mkey, self._encode(new), memcached_expiry(ttl)):
                         return new
                     continue
                 new = self.check_range(self._decode(key, raw) + delta)
-                if client.cas(mkey, self._encode(new), cas_id, memcached_expiry(ttl)):
+                if client.call("cas", mkey, self._encode(new), cas_id, memcached_expiry(ttl)):
                     return new
         raise Conflict(f"counter {key!r} changed under {CAS_RETRIES} attempts to add {delta}")
 
     def get(self, key: str, ttl: int | None = None) -> int:
         mkey = self._key(key)
-        with self._client() as client:
-            raw = client.get(mkey)
+        with self._client(mkey) as client:
+            raw = client.call("get", mkey)
             if ttl and raw is not None:
-                client.touch(mkey, memcached_expiry(ttl))
+                client.call("touch", mkey, memcached_expiry(ttl))
         return 0 if raw is None else self._decode(key, raw)
 
     def set(self, key: str, value: int, ttl: int | None = None) -> None:
         self.check_range(value)
-        with self._client() as client:
-            if not client.set(self._key(key), self._encode(value), memcached_expiry(ttl)):
+        mkey = self._key(key)
+        with self._client(mkey) as client:
+            if not client.call("set", mkey, self._encode(value), memcached_expiry(ttl)):
                 raise StoreUnavailable(f"memcached refused to store counter {key!r}")
 
     def delete(self, key: str) -> bool:
-        with self._client() as client:
-            return bool(client.delete(self._key(key)))
+        mkey = self._key(key)
+        with self._client(mkey) as client:
+            return bool(client.call("delete", mkey))
 
     # -- shared values: gets/cas -------------------------------------------------------------------
 
@@ -207,35 +193,44 @@ class MemcachedCounterStore(CounterStore):
         return f"{self.key_prefix}={key}"  # "=" starts no counter name: a namespace of its own
 
     def get_value(self, key: str) -> bytes | None:
-        with self._client() as client:
-            return client.get(self._value_key(key))
+        mkey = self._value_key(key)
+        with self._client(mkey) as client:
+            return client.call("get", mkey)
 
     def set_value(self, key: str, data: bytes, ttl: int | None = None) -> None:
-        with self._client() as client:
-            if not client.set(self._value_key(key), data, memcached_expiry(ttl)):
+        mkey = self._value_key(key)
+        with self._client(mkey) as client:
+            if not client.call("set", mkey, data, memcached_expiry(ttl)):
                 raise StoreUnavailable(f"memcached refused to store shared value {key!r}")
 
     def delete_value(self, key: str) -> bool:
-        with self._client() as client:
-            return bool(client.delete(self._value_key(key)))
+        mkey = self._value_key(key)
+        with self._client(mkey) as client:
+            return bool(client.call("delete", mkey))
 
     def update_value(
         self, key: str, change: Callable[[bytes | None], bytes], ttl: int | None = None
     ) -> bytes:
         """``gets``, ``change``, then ``cas`` (or ``add`` for a new key), retried on conflict."""
         mkey = self._value_key(key)
-        with self._update_locks(key), self._client() as client:
+        with self._update_locks(key), self._client(mkey) as client:
             for attempt in range(VALUE_RETRIES):
-                current, cas_id = client.gets(mkey)
+                current, cas_id = client.call("gets", mkey)
                 data = change(current)
                 if current is None:
-                    stored = client.add(mkey, data, memcached_expiry(ttl))
+                    stored = client.call("add", mkey, data, memcached_expiry(ttl))
                 else:
-                    stored = client.cas(mkey, data, cas_id, memcached_expiry(ttl))
+                    stored = client.call("cas", mkey, data, cas_id, memcached_expiry(ttl))
                 if stored:
                     return data
                 pause_after_conflict(attempt)
         raise Conflict(f"shared value {key!r} changed under {VALUE_RETRIES} attempts to update it")
+
+    def session_client(self) -> MemcachedSessionClient:
+        """A client for Flask-Session (``get``, ``set``, ``delete``) on these servers and connections,
+        with the same guarantees: a deadline per command, no key moved off a server that is down,
+        and ``StoreUnavailable`` for every failure."""
+        return MemcachedSessionClient(self)
 
     def health(self) -> dict[str, Any]:
         servers = []
@@ -247,13 +242,14 @@ class MemcachedCounterStore(CounterStore):
         return {"servers": servers}
 
     def _server_health(self, address: str) -> dict[str, Any]:
-        probe = pylibmc.Client([address], binary=self._binary, behaviors=self._behaviors)
+        probe = Connection(address, self.timeout)
         try:
-            ((_, stats),) = probe.get_stats()
-        except (pylibmc.Error, ValueError) as error:
-            return {"address": address, "reachable": False, "detail": str(error)}
+            stats = probe.call("stats")
+        except (MemcacheError, OSError) as error:
+            return {"address": address, "reachable": False, "detail": f"{type(error).__name__}: {error}"}
         finally:
-            probe.disconnect_all()
+            probe.close()
+        stats = {name.decode(): value for name, value in stats.items()}
         uptime = int(stats["uptime"])
         evictions = int(stats["evictions"])
         started = time.time() - uptime
@@ -278,10 +274,32 @@ class MemcachedCounterStore(CounterStore):
         return report
 
     def close(self) -> None:
-        idle = []
-        with contextlib.suppress(queue.Empty):
-            while True:
-                idle.append(self._pool.get_nowait())
-        for client in idle:
-            client.disconnect_all()
-            self._pool.put(client)
+        for connections in self._connections.values():
+            connections.close()
+
+
+class MemcachedSessionClient:
+    """Flask-Session's memcached client protocol over a ``MemcachedCounterStore``'s connections.
+
+    pymemcache's ``HashClient`` (Flask-Session's usual choice) takes a failing server out of its ring,
+    so a session would be looked up on another server, not found, and the browser would get a new
+    client id: its per-client counters would seem to start again from 0.  Here a session lives on its
+    one server, and an outage of that server is a 503, as for a counter.
+    """
+
+    def __init__(self, store: MemcachedCounterStore) -> None:
+        self._store = store
+
+    def get(self, key: str) -> bytes | None:
+        with self._store._client(key) as client:
+            return client.call("get", key)
+
+    def set(self, key: str, value: bytes, timeout: int) -> bool:
+        with self._store._client(key) as client:
+            if not client.call("set", key, value, timeout):  # Flask-Session gives exptime
+                raise StoreUnavailable(f"memcached refused to store session {key!r}")
+            return True
+
+    def delete(self, key: str) -> bool:
+        with self._store._client(key) as client:
+            return bool(client.call("delete", key))

@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import NotOneProcess
 from .base import CounterStore
+
+#: Lock files this process holds, by path: one open descriptor per file, whatever the number of stores.
+_HELD_LOCKS: dict[str, int] = {}
+_HELD_LOCKS_GUARD = threading.Lock()
+
+FIX = (
+    "use a shared store (FileSystemCache, MemcachedCache, RedisCache) or serve from one process with"
+    " threads (gunicorn -w 1 --threads N, app.run(threaded=True), flask run)"
+)
 
 
 class MemoryCounterStore(CounterStore):
     """Atomic across the threads of one process (one lock); nothing is shared between processes.
 
-    Gunicorn refuses to start this store with more than one worker (``gunicorn.conf.py``), since every
-    worker would count on its own.  Values are lost when the process ends.
+    It never hands out a number another process could hand out too.  Every operation raises
+    ``NotOneProcess`` (HTTP 500, naming the fix) when it runs:
+    - in a process forked from the one that built the store (``app.run(processes=N)``, a pre-forking
+      server), whose counts would be thrown away with the child, unless that process ``adopt``ed the
+      store (gunicorn's single worker does, in ``post_fork``); or
+    - while another live process of the same app (the same ``lock_path``, in the instance folder) uses
+      a memory store: several workers that each built the app (gunicorn without Tally's config,
+      uWSGI or mod_wsgi with several processes).  The first process to count holds an ``flock`` until
+      it exits.
+    Values are lost when the process ends.
     """
 
     backend = "memory"
@@ -22,11 +42,31 @@ class MemoryCounterStore(CounterStore):
     #: Expired per-client entries are dropped at most this often, on a write.
     sweep_interval = 60.0
 
-    def __init__(self) -> None:
+    def __init__(self, lock_path: str | None = None) -> None:
+        self._owner = os.getpid()
+        self._lock_path = lock_path
         self._lock = threading.Lock()
         self._values: dict[str, tuple[int, float | None]] = {}
         self._shared: dict[str, tuple[bytes, float | None]] = {}
         self._next_sweep = time.monotonic() + self.sweep_interval
+
+    def adopt(self) -> None:
+        """Make the calling process (a fork of the builder that will be the only one to count) the
+        owner.  Only a store that holds nothing may be adopted."""
+        with self._lock:
+            if self._values or self._shared:
+                raise NotOneProcess("a memory store that already holds counts cannot move to another process")
+            self._owner = os.getpid()
+
+    def _check_process(self) -> None:
+        pid = os.getpid()
+        if pid != self._owner:
+            raise NotOneProcess(
+                f"the memory store keeps counts inside process {self._owner}, but this request runs in"
+                f" process {pid}, forked from it, whose counts would be lost: {FIX}"
+            )
+        if self._lock_path is not None:
+            _hold_lock(self._lock_path)
 
     def _current(self, key: str, now: float) -> int:
         value, expires = self._values.get(key, (0, None))
@@ -43,6 +83,7 @@ class MemoryCounterStore(CounterStore):
                 del self._values[k]
 
     def add(self, key: str, delta: int, ttl: int | None = None) -> int:
+        self._check_process()
         with self._lock:
             now = time.monotonic()
             value = self.check_range(self._current(key, now) + delta)
@@ -50,6 +91,7 @@ class MemoryCounterStore(CounterStore):
             return value
 
     def get(self, key: str, ttl: int | None = None) -> int:
+        self._check_process()
         with self._lock:
             now = time.monotonic()
             value = self._current(key, now)
@@ -60,10 +102,12 @@ class MemoryCounterStore(CounterStore):
 
     def set(self, key: str, value: int, ttl: int | None = None) -> None:
         self.check_range(value)
+        self._check_process()
         with self._lock:
             self._store(key, value, ttl, time.monotonic())
 
     def delete(self, key: str) -> bool:
+        self._check_process()
         with self._lock:
             entry = self._values.pop(key, None)
             return entry is not None and (entry[1] is None or entry[1] > time.monotonic())
@@ -73,15 +117,18 @@ class MemoryCounterStore(CounterStore):
         return None if expires is not None and expires <= now else data
 
     def get_value(self, key: str) -> bytes | None:
+        self._check_process()
         with self._lock:
             return self._live_shared(key, time.monotonic())
 
     def set_value(self, key: str, data: bytes, ttl: int | None = None) -> None:
+        self._check_process()
         with self._lock:
             now = time.monotonic()
             self._shared[key] = (data, now + ttl if ttl else None)
 
     def delete_value(self, key: str) -> bool:
+        self._check_process()
         with self._lock:
             existed = self._live_shared(key, time.monotonic()) is not None
             self._shared.pop(key, None)
@@ -90,6 +137,7 @@ class MemoryCounterStore(CounterStore):
     def update_value(
         self, key: str, change: Callable[[bytes | None], bytes], ttl: int | None = None
     ) -> bytes:
+        self._check_process()
         with self._lock:
             now = time.monotonic()
             data = change(self._live_shared(key, now))
@@ -97,5 +145,26 @@ class MemoryCounterStore(CounterStore):
             return data
 
     def health(self) -> dict[str, Any]:
+        self._check_process()
         with self._lock:
             return {"keys": len(self._values)}
+
+
+def _hold_lock(path: str) -> None:
+    """Hold an exclusive ``flock`` on ``path`` for the rest of this process's life, or raise
+    ``NotOneProcess`` when another live process holds it."""
+    if path in _HELD_LOCKS:
+        return
+    with _HELD_LOCKS_GUARD:
+        if path in _HELD_LOCKS:
+            return
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise NotOneProcess(
+                f"another process of this app is counting in its own memory store ({path} is locked):"
+                f" each process would count on its own; {FIX}"
+            ) from None
+        _HELD_LOCKS[path] = fd

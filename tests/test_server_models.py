@@ -1,0 +1,151 @@
+"""Every server model of the seed thread, and what happens to workers that are told to stop.
+
+``app.run(threaded=True)`` and ``app.run(processes=4)`` (Werkzeug's forking server: a fork per
+request, its memory thrown away after the response) on every store: the shared stores stay exact,
+the memory store refuses rather than count in a process that forgets.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from tally.loadcheck import run_load
+from tests.conftest import SHARED_BACKENDS, settings_env
+from tests.servers import ROOT, DevServer, Gunicorn
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def dev_server():
+    started: list[DevServer] = []
+
+    def start(env: dict[str, str], model: str) -> DevServer:
+        server = DevServer(env, model)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def post(server, path: str) -> tuple[int, dict]:
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        connection.request("POST", path, headers={"Connection": "close"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("model", ["threaded", "processes=4"])
+@pytest.mark.parametrize("backend", SHARED_BACKENDS)
+def test_werkzeug_server_models_stay_exact_on_shared_stores(dev_server, store_settings, backend, model):
+    server = dev_server(settings_env(store_settings(backend)), model)
+    report = run_load(f"{server.url}/api/counters/dev/incr", clients=20, requests=10, keepalive=False)
+    assert report.errors == {} and report.ok == 200, (report.statuses, report.errors)
+    assert report.exact(start=0)
+
+
+def test_the_memory_store_refuses_a_fork_per_request_rather_than_count_wrong(dev_server, store_settings):
+    """The seed's ``app.run(processes=10)``: each request runs in a fork whose memory is discarded,
+    so counting there would answer 1 every time.  Every request is refused, naming the fix."""
+    server = dev_server(settings_env(store_settings("memory")), "processes=4")
+    answers = [post(server, "/api/counters/x/incr") for _ in range(5)]
+    assert all(status == 500 for status, _ in answers), answers
+    assert all(body["error"] == "store_not_shared" for _, body in answers)
+    assert "forked from it" in answers[0][1]["detail"] and "RedisCache" in answers[0][1]["detail"]
+
+
+def test_the_memory_store_is_exact_under_app_run_threaded(dev_server, store_settings):
+    server = dev_server(settings_env(store_settings("memory")), "threaded")
+    report = run_load(f"{server.url}/api/counters/t/incr", clients=20, requests=10, keepalive=False)
+    assert report.ok == 200 and report.exact(start=0)
+
+
+def test_the_memory_store_in_workers_that_each_built_the_app_counts_in_one_only(serve, store_settings):
+    """gunicorn without Tally's config (no check in the master, each worker imports the app), like
+    uWSGI or mod_wsgi with several processes: one worker counts, the others refuse; the numbers
+    handed out are never repeated."""
+    env = settings_env(store_settings("memory"))
+    server = serve(env, workers=3, threads=4, app="app:app", use_project_config=False)
+    report = run_load(f"{server.url}/api/counters/m/incr", clients=30, requests=10, keepalive=False)
+    assert report.errors == {}
+    assert set(report.statuses) <= {200, 500}
+    assert report.duplicates == 0
+    assert sorted(report.values) == list(range(1, report.ok + 1))
+    assert report.statuses[500] > 0  # several workers served, and the others refused
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_worker_with_a_stuck_request_exits_on_sigterm_within_graceful_timeout():
+    """A request thread that never returns must not keep its worker alive past graceful_timeout: with
+    the master gone (killed), nothing else would ever stop it.  The watchdog also logs the stacks."""
+    graceful = 2
+    env = {"PYTHONPATH": str(ROOT / "tests"), "TALLY_GRACEFUL_TIMEOUT": str(graceful)}
+    server = Gunicorn(env, workers=2, threads=2, app="stuck_app:app").start()
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 20
+        while len(workers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            workers = _children(server.process.pid)
+        assert len(workers) == 2
+
+        def hang() -> None:
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            try:
+                connection.request("GET", "/stuck")
+                connection.getresponse()
+            except (OSError, http.client.HTTPException):
+                pass
+
+        for _ in range(4):
+            threading.Thread(target=hang, daemon=True).start()
+        time.sleep(1.0)  # the requests reach the workers and block there
+        os.kill(server.process.pid, signal.SIGKILL)  # no master left to SIGKILL its workers later
+        server.process.wait(timeout=10)
+        began = time.monotonic()
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        while any(_running(pid) for pid in workers) and time.monotonic() - began < graceful + 20:
+            time.sleep(0.1)
+        took = time.monotonic() - began
+        assert not any(_running(pid) for pid in workers), "a worker outlived its SIGTERM"
+        assert took < graceful + 5, took  # by its own watchdog, not by anything else
+        assert "Timeout" in server.log_text() or "Thread" in server.log_text()  # the stacks were logged
+    finally:
+        for pid in workers:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        server.stop()
