@@ -107,17 +107,23 @@ def load_through(server: Gunicorn, outage, recovery, result: dict) -> None:
 )
 def test_an_outage_under_load_answers_503_and_never_a_wrong_value(tmp_path, backend, kind):
     """Six seconds of load; the store hangs (SIGSTOP) or is killed and started again on its port
-    for two of them.  Only 200s and 503s, none slower than the timeout + 1 s, and service returns."""
+    for two of them.  Only 200s and 503s, none slower than twice the timeout plus the machine's own
+    slack, and service returns."""
     store = start_store(backend)
     server = Gunicorn(settings_env(settings_for(backend, store, tmp_path)), workers=4, threads=8)
     try:
         server.start()
+        # How slow this machine is right now, healthy: the slack of the latency bound below, so that
+        # a loaded machine does not fail the test and a hang (seconds to minutes) still does.
+        healthy = run_load(f"{server.url}/api/counters/warmup/incr", clients=16, requests=20)
+        slack = max(1.0, 10 * healthy.percentile(0.99))
         result: dict = {}
         load_through(server, lambda: take_away(store, kind), lambda: bring_back(store, kind), result)
         report = result["report"]
         assert report.errors == {}, report.errors
         assert set(report.statuses) == {200, 503}, report.statuses
-        assert max(report.latencies) < TIMEOUT + 1, max(report.latencies)  # the store timeout, not the OS
+        # A request waits for the store at most TIMEOUT, twice when queued behind a stuck thread.
+        assert max(report.latencies) < 2 * TIMEOUT + slack, (max(report.latencies), slack)
         wait_for_200(f"{server.url}/healthz")
         wait_for_200(f"{server.url}/api/counters/outage")
         final = status_of(f"{server.url}/api/counters/outage")[1]["value"]
