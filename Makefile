@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
-STORE_EXTRAS := .[memcached,redis]
-TEST_EXTRAS := .[memcached,redis,test]
+STORE_EXTRAS := .[demo,memcached,redis]
+TEST_EXTRAS := .[demo,memcached,redis,test]
 
 .PHONY: run test stress bench race-report lint servers clean
 
@@ -19,7 +19,10 @@ endef
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -e .
+	@# A venv made before the distribution was renamed flask-tally holds "tally", which also put the demo's
+	@# modules on the path: take it out.
+	$(PIP) uninstall -y -q tally 2>/dev/null || true
+	$(PIP) install -e '.[demo]'
 	@# The memcached and Redis clients are extras: the filesystem default works without them.
 	$(call install_with_headers,$(STORE_EXTRAS)) || echo "warning: pylibmc/redis not installed; the filesystem and memory stores still work (see README, Install)"
 	touch $@

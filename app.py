@@ -7,9 +7,9 @@ from typing import Any
 
 from flask import Flask
 
+import common
 from commands import counters_cli
-from common import cache, counters
-from routes import api, clients, errors, health, pages, shared
+from routes import api, clients, errors, health, leaderboard, pages, shared
 from routes.limits import init_limits
 from sessions import init_sessions
 from settings import ensure_secret_key, load_settings, refuse_weak_secret_key
@@ -29,12 +29,13 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     load_settings(app, overrides)
     ensure_secret_key(app)
     refuse_weak_secret_key(app)
-    cache.init_app(app)
-    counters.init_app(app)
+    common.cache.init_app(app)
+    common.counters.init_app(app)  # Tally's defaults and checks, on the store `cache` was set up with
+    common.shared.init_app(app)
     init_limits(app)  # off unless RATELIMIT_ENABLED; storage follows the counter store (settings.py)
     init_sessions(app)
     errors.register(app)
-    for blueprint in (pages.bp, api.bp, clients.bp, shared.bp, health.bp):
+    for blueprint in (pages.bp, api.bp, clients.bp, shared.bp, health.bp, leaderboard.bp):
         app.register_blueprint(blueprint)
     app.cli.add_command(counters_cli)
     return app

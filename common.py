@@ -6,7 +6,8 @@ from tally import Counters, SharedValues
 
 #: Flask-Caching, for page caching and any cached value that may expire.
 cache = Cache()
-#: Shared counters: atomic on every backend (Flask-Caching's own ``inc`` is not).
-counters = Counters()
-#: Shared JSON values with an atomic ``update`` (on the store ``counters`` set up).
-shared = SharedValues()
+#: Shared counters on the store ``cache`` is set up with: atomic on every backend (Flask-Caching's
+#: own ``inc`` is not).
+counters = Counters(cache)
+#: Shared JSON values with an atomic ``update``, on the same store.
+shared = SharedValues(cache)

@@ -16,6 +16,7 @@ from flask_session import Session
 
 from settings import ConfigError
 from tally import StoreUnavailable
+from tally.extension import SETTINGS_KEY
 
 SESSION_BACKENDS = ("cookie", "server")
 
@@ -24,7 +25,7 @@ def _server_session_store(app: Flask) -> tuple[dict, tuple[type[BaseException], 
     """Flask-Session settings for the configured store (thread-safe clients of the same servers,
     with the counters' timeout and no hidden retries), and the errors its client raises when the
     store cannot be reached."""
-    config = app.config
+    config = app.extensions[SETTINGS_KEY]  # what Tally resolved: the counters' backend and servers
     backend = config["CACHE_TYPE"]
     lifetime = int(app.permanent_session_lifetime.total_seconds())
     timeout = config["COUNTER_TIMEOUT"]

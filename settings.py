@@ -1,4 +1,7 @@
-"""Loading and checking the app's configuration: every mistake is reported at start-up, in one line."""
+"""The demo app's configuration: settings.toml, TALLY_SETTINGS, FLASK_* variables and the factory's
+overrides, and the checks of the demo's own keys.  Tally's keys get their defaults and checks from
+the library itself (``tally.config``), at ``counters.init_app``.  Every mistake is reported at
+start-up, in one line."""
 
 from __future__ import annotations
 
@@ -11,15 +14,13 @@ from typing import Any
 
 from flask import Flask
 
-from tally.stores import BACKENDS
+from tally.config import ConfigError, backend_name, cache_settings
+
+__all__ = ["ConfigError", "ensure_secret_key", "load_settings", "refuse_weak_secret_key"]
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_SETTINGS = ROOT / "settings.toml"
 SECRET_KEY_FILE = "secret_key"
-
-
-class ConfigError(ValueError):
-    """A setting has the wrong type or value; the message names the key and what it expects."""
 
 
 def _number(value: Any) -> bool:
@@ -34,28 +35,12 @@ def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _server_list(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, str) and v for v in value)
-
-
 #: key -> (check, what the check expects)
 CHECKS: dict[str, tuple[Any, str]] = {
-    "CACHE_TYPE": (lambda v: v in BACKENDS, f"one of {', '.join(BACKENDS)}"),
-    "CACHE_DIR": (lambda v: isinstance(v, str) and v != "", "a directory path"),
+    "CACHE_DIR": (lambda v: isinstance(v, (str, os.PathLike)) and os.fspath(v) != "", "a directory path"),
     "CACHE_DEFAULT_TIMEOUT": (lambda v: _number(v) and v >= 0, "a number of seconds >= 0"),
     "CACHE_THRESHOLD": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     "CACHE_KEY_PREFIX": (lambda v: isinstance(v, str), "a string"),
-    "CACHE_MEMCACHED_SERVERS": (_server_list, 'a non-empty list of "host:port" strings'),
-    "CACHE_REDIS_URL": (
-        lambda v: isinstance(v, str) and v.startswith(("redis://", "rediss://", "unix://")),
-        "a redis:// URL",
-    ),
-    "COUNTER_DIR": (lambda v: isinstance(v, str) and v != "", "a directory path"),
-    "COUNTER_FSYNC": (lambda v: isinstance(v, bool), "true or false"),
-    "COUNTER_SWEEP_INTERVAL": (_positive, "a number of seconds > 0"),
-    "COUNTER_KEY_PREFIX": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-    "COUNTER_TIMEOUT": (_positive, "a number of seconds > 0"),
-    "COUNTER_POOL_SIZE": (_count, "an integer >= 1"),
     "TALLY_ADMIN_TOKEN": (lambda v: isinstance(v, str), "a string"),
     "SECRET_KEY": (lambda v: v is None or isinstance(v, (str, bytes)), "a string"),
     "PERMANENT_SESSION_LIFETIME": (
@@ -66,7 +51,6 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "MAX_CONTENT_LENGTH": (_count, "a number of bytes >= 1"),
     "RATELIMIT_ENABLED": (lambda v: isinstance(v, bool), "true or false"),
     "RATELIMIT_DEFAULT": (lambda v: isinstance(v, str) and v != "", 'a limit such as "120 per minute"'),
-    "VALUE_MAX_BYTES": (lambda v: _count(v) and v <= 1_000_000, "a number of bytes from 1 to 1000000"),
 }
 
 
@@ -83,15 +67,11 @@ def load_settings(app: Flask, overrides: dict[str, Any] | None = None) -> None:
     if overrides:
         app.config.update(overrides)
     check_settings(app.config)
-    app.config["RATELIMIT_STORAGE_URI"] = rate_limit_storage(app.config)
-    app.config.setdefault(
-        "RATELIMIT_STORAGE_OPTIONS",
-        rate_limit_storage_options(app.config["RATELIMIT_STORAGE_URI"], app.config["COUNTER_TIMEOUT"]),
-    )
-    for key in ("CACHE_DIR", "COUNTER_DIR"):
-        app.config[key] = os.path.abspath(os.path.join(app.instance_path, app.config[key]))
-    if app.config["COUNTER_DIR"] == app.config["CACHE_DIR"]:
-        raise ConfigError("COUNTER_DIR must not be CACHE_DIR: cachelib deletes files it did not write")
+    # Flask-Caching 2 knows its backends by class name only; the demo also takes the short names of
+    # Flask-Caching 1 (the seed's "filesystem"), so every spelling Tally accepts works for both.
+    app.config["CACHE_TYPE"] = backend_name(app.config.get("CACHE_TYPE"))
+    cache_settings(app.config)  # Flask-Caching's keys, checked before Flask-Caching reads them
+    app.config["CACHE_DIR"] = os.path.abspath(os.path.join(app.instance_path, app.config["CACHE_DIR"]))
     if isinstance(app.config["PERMANENT_SESSION_LIFETIME"], int):
         app.config["PERMANENT_SESSION_LIFETIME"] = timedelta(seconds=app.config["PERMANENT_SESSION_LIFETIME"])
 
@@ -101,13 +81,6 @@ def check_settings(config: dict[str, Any]) -> None:
         value = config.get(key)
         if not check(value):
             raise ConfigError(f"setting {key} must be {expected}; got {value!r}")
-    counter_prefix, cache_prefix = config["COUNTER_KEY_PREFIX"], config["CACHE_KEY_PREFIX"]
-    if counter_prefix.startswith(cache_prefix) or cache_prefix.startswith(counter_prefix):
-        # cachelib's RedisCache.clear() deletes every key starting with CACHE_KEY_PREFIX.
-        raise ConfigError(
-            f"COUNTER_KEY_PREFIX {counter_prefix!r} and CACHE_KEY_PREFIX {cache_prefix!r} must not"
-            " be prefixes of each other, or clearing the page cache would delete counters"
-        )
 
 
 def ensure_secret_key(app: Flask) -> None:
@@ -173,15 +146,16 @@ def refuse_weak_secret_key(app: Flask) -> None:
         )
 
 
-def rate_limit_storage(config: dict[str, Any]) -> str:
-    """Flask-Limiter's storage: RATELIMIT_STORAGE_URI if set, else the counter store's servers, so
-    that limits hold across workers and hosts; memory:// (per worker) for the filesystem and memory."""
+def rate_limit_storage(config: dict[str, Any], store: dict[str, Any]) -> str:
+    """Flask-Limiter's storage: RATELIMIT_STORAGE_URI if set, else the counter store's servers
+    (``store``: the settings Tally resolved), so that limits hold across workers and hosts;
+    memory:// (per worker) for the filesystem and memory stores."""
     if config.get("RATELIMIT_STORAGE_URI"):
         return config["RATELIMIT_STORAGE_URI"]
-    if config["CACHE_TYPE"] == "RedisCache":
-        return config["CACHE_REDIS_URL"]
-    if config["CACHE_TYPE"] == "MemcachedCache":
-        return "memcached://" + ",".join(config["CACHE_MEMCACHED_SERVERS"])
+    if store["CACHE_TYPE"] == "RedisCache":
+        return store["CACHE_REDIS_URL"]
+    if store["CACHE_TYPE"] == "MemcachedCache":
+        return "memcached://" + ",".join(store["CACHE_MEMCACHED_SERVERS"])
     return "memory://"
 
 

@@ -1,5 +1,6 @@
 """Tally: shared counters for Flask that stay correct across threads, processes and hosts."""
 
+from .config import ConfigError
 from .errors import (
     Conflict,
     CorruptCounter,
@@ -18,6 +19,7 @@ from .values import SharedValues
 
 __all__ = [
     "ClientCounters",
+    "ConfigError",
     "Conflict",
     "CorruptCounter",
     "CorruptValue",

@@ -7,11 +7,55 @@ from typing import Any
 
 from flask import Flask, current_app
 
+from .config import ConfigError, store_settings
 from .errors import InvalidAmount, TallyError
 from .names import client_key, validate_name
 from .stores import INT64_MAX, CounterStore, build_store
 
 EXTENSION_KEY = "tally"
+#: The resolved settings the store was built with (backend, servers, COUNTER_* keys).
+SETTINGS_KEY = "tally.settings"
+
+
+def set_up_store(app: Flask, cache: Any = None) -> CounterStore:
+    """The app's counter store, built once per app from its settings (and ``cache``'s backend when
+    given); ``Counters`` and ``SharedValues`` share it.  Raises ``ConfigError`` at start-up for any
+    bad setting or a backend Tally cannot make atomic."""
+    if EXTENSION_KEY in app.extensions:
+        return app.extensions[EXTENSION_KEY]
+    backend = None
+    if cache is not None:
+        try:
+            backend = app.extensions["cache"][cache]
+        except (KeyError, TypeError):
+            raise ConfigError(
+                "call cache.init_app(app) before counters.init_app(app): Counters(cache) keeps its"
+                " counters on the store that cache was set up with"
+            ) from None
+    settings = store_settings(app, backend)
+    store = build_store(settings, app.instance_path)
+    app.extensions[SETTINGS_KEY] = settings
+    app.extensions[EXTENSION_KEY] = store
+    return store
+
+
+class _Extension:
+    """``X(app)``, ``X(cache)`` then ``init_app(app)``, or ``X()`` then ``init_app(app)``."""
+
+    def __init__(self, app_or_cache: Any = None) -> None:
+        self._cache = None
+        if isinstance(app_or_cache, Flask):
+            self.init_app(app_or_cache)
+        elif app_or_cache is not None:
+            if not hasattr(app_or_cache, "init_app"):
+                raise TypeError(f"expected a Flask app or a Flask-Caching Cache, got {app_or_cache!r}")
+            self._cache = app_or_cache
+            bound = getattr(app_or_cache, "app", None)  # Cache(app): already set up for that app
+            if isinstance(bound, Flask):
+                self.init_app(bound)
+
+    def init_app(self, app: Flask) -> None:
+        set_up_store(app, self._cache)
 
 
 def _check_amount(by: object) -> int:
@@ -28,21 +72,20 @@ def _check_value(value: object) -> int:
     return value
 
 
-class Counters:
+class Counters(_Extension):
     """Shared counters for a Flask app, on the store its Flask-Caching configuration names.
+
+    ``Counters(app)`` reads Flask-Caching's keys in ``app.config`` (``CACHE_TYPE`` in any spelling;
+    none at all: the filesystem store in the instance folder).  ``Counters(cache)`` follows whatever
+    backend that ``Cache`` was set up with, wherever its settings were given.  Tally's own keys
+    (``COUNTER_*``, ``VALUE_MAX_BYTES``) get defaults with ``app.config.setdefault``; a bad value or an
+    unsupported backend raises ``ConfigError`` at ``init_app``.
 
     Every method is one atomic step of the store (see ``CounterStore.add``): correct across threads,
     and across processes and hosts on the stores that share state.  Failures raise ``TallyError``
     subclasses (``InvalidName``, ``InvalidAmount``, ``Overflow``, ``StoreUnavailable``,
     ``CorruptCounter``), never return a guessed value.  Counters never expire.
     """
-
-    def __init__(self, app: Flask | None = None) -> None:
-        if app is not None:
-            self.init_app(app)
-
-    def init_app(self, app: Flask) -> None:
-        app.extensions[EXTENSION_KEY] = build_store(app.config, app.instance_path)
 
     @property
     def store(self) -> CounterStore:

@@ -15,10 +15,9 @@ from typing import Any
 from flask import current_app
 
 from .errors import CorruptValue, InvalidValue, ValueTooLarge
+from .extension import EXTENSION_KEY, _Extension
 from .names import validate_name
 from .stores import CounterStore
-
-DEFAULT_MAX_BYTES = 65536
 
 
 def _encode(value: Any) -> bytes:
@@ -29,7 +28,7 @@ def _encode(value: Any) -> bytes:
             f"shared values must be JSON (dict, list, str, int, float, bool, None): {error}"
         ) from None
     encoded = data.encode()
-    limit = current_app.config.get("VALUE_MAX_BYTES", DEFAULT_MAX_BYTES)
+    limit = current_app.config["VALUE_MAX_BYTES"]
     if len(encoded) > limit:
         raise ValueTooLarge(f"the value takes {len(encoded)} bytes as JSON; the limit is {limit}")
     return encoded
@@ -42,8 +41,9 @@ def _decode(key: str, data: bytes) -> Any:
         raise CorruptValue(f"shared value {key!r} is not valid JSON in the store") from None
 
 
-class SharedValues:
-    """JSON values in the configured store, which ``Counters.init_app`` set up.
+class SharedValues(_Extension):
+    """JSON values in the app's counter store: ``SharedValues(app)``, or ``SharedValues(cache)`` then
+    ``init_app(app)``, set up like ``Counters`` (and sharing its store when both are used).
 
     Values are stored as JSON, so a value written by one host is readable by every other and nothing
     is ever unpickled from the store.  They never expire unless a ``timeout`` (seconds) is given.
@@ -53,7 +53,7 @@ class SharedValues:
 
     @property
     def store(self) -> CounterStore:
-        return current_app.extensions["tally"]
+        return current_app.extensions[EXTENSION_KEY]
 
     def get_value(self, key: str, default: Any = None) -> Any:
         """The current value of ``key``, or ``default`` when it is missing or expired."""

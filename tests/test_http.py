@@ -657,22 +657,22 @@ def test_cli_reports_overflow(cli, fs_app):
 
 
 @pytest.mark.parametrize(
-    "key,bad",
+    "key,bad,backend",
     [
-        ("CACHE_TYPE", "Nope"),
-        ("COUNTER_FSYNC", "yes"),
-        ("COUNTER_TIMEOUT", 0),
-        ("COUNTER_POOL_SIZE", 0),
-        ("CACHE_MEMCACHED_SERVERS", "127.0.0.1:11211"),
-        ("CACHE_REDIS_URL", "127.0.0.1:6379"),
-        ("MAX_CONTENT_LENGTH", True),
-        ("PERMANENT_SESSION_LIFETIME", "31 days"),
-        ("TALLY_ADMIN_TOKEN", None),
+        ("CACHE_TYPE", "Nope", "filesystem"),
+        ("COUNTER_FSYNC", "yes", "filesystem"),
+        ("COUNTER_TIMEOUT", 0, "filesystem"),
+        ("COUNTER_POOL_SIZE", 0, "filesystem"),
+        ("CACHE_MEMCACHED_SERVERS", "127.0.0.1:11211", "memcached"),
+        ("CACHE_REDIS_URL", "127.0.0.1:6379", "redis"),
+        ("MAX_CONTENT_LENGTH", True, "filesystem"),
+        ("PERMANENT_SESSION_LIFETIME", "31 days", "filesystem"),
+        ("TALLY_ADMIN_TOKEN", None, "filesystem"),
     ],
 )
-def test_a_bad_setting_fails_at_start_up_naming_the_key(make_app, store_settings, key, bad):
+def test_a_bad_setting_fails_at_start_up_naming_the_key(make_app, store_settings, key, bad, backend):
     with pytest.raises(ConfigError, match=key):
-        make_app(store_settings("filesystem"), **{key: bad})
+        make_app(store_settings(backend), **{key: bad})
 
 
 def test_a_counter_prefix_equal_to_the_cache_prefix_is_refused(make_app, store_settings):

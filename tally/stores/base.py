@@ -9,7 +9,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from ..errors import Overflow
+from ..errors import InvalidName, Overflow
+from ..names import validate_name
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -32,6 +33,15 @@ def pause_after_conflict(attempt: int) -> None:
     """A short random wait after a lost optimistic update, so that contenders stop colliding in step
     (at most 20 ms; 100 attempts take well under two seconds)."""
     time.sleep(random.uniform(0, min(0.0005 * (attempt + 1), 0.02)))
+
+
+def counter_name(text: str) -> str | None:
+    """``text`` if it passes ``validate_name`` (a shared counter's name), else ``None``: per-client
+    keys (``@...``), shared values' keys (``=...``) and files that are no counter never do."""
+    try:
+        return validate_name(text)
+    except InvalidName:
+        return None
 
 
 class CounterStore(ABC):
@@ -98,6 +108,18 @@ class CounterStore(ABC):
         No concurrent update is lost.  ``change`` may be called more than once (optimistic stores
         retry it after a conflict) and must not have side effects; after ``VALUE_RETRIES`` conflicts
         ``Conflict`` is raised and nothing is written.
+        """
+
+    @abstractmethod
+    def names(self, limit: int) -> list[str]:
+        """The names of the shared counters that exist now, at most ``limit`` of them, in no order.
+
+        Only shared counters: never per-client keys (``@...``), never shared values; every name passes
+        ``tally.names.validate_name``.  Enumeration stops once ``limit`` names are found, so with
+        ``limit`` names the list may be partial (which ones are left out is arbitrary).  A counter
+        written or deleted while the enumeration runs may or may not be listed.  Raises
+        ``StoreUnavailable`` when the store cannot be reached or does not answer in time, like every
+        other call; a list is never guessed.
         """
 
     @abstractmethod

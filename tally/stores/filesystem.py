@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from ..errors import CorruptCounter, CorruptValue, StoreUnavailable
 from ..names import is_client_key
-from .base import CounterStore, KeyLocks
+from .base import CounterStore, KeyLocks, counter_name
 
 RECORD = struct.Struct("<4sqqI")  # magic, value, expires at (unix seconds, 0 = never), CRC-32
 LIVE = b"TLY1"
@@ -213,6 +213,19 @@ class FileCounterStore(CounterStore):
             )
         return None if magic == GONE else (value, expires_at)
 
+    def _read_settled(self, fd: int, key: str) -> tuple[int, int] | None:
+        """``_read`` without a lock; a read racing another process's write may see a torn record, so
+        a record that fails its checks is read again under a shared lock before it is called
+        damaged (``CorruptCounter``)."""
+        try:
+            return self._read(fd, key)
+        except CorruptCounter:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                return self._read(fd, key)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
     def _write(self, fd: int, value: int, ttl: int | None) -> None:
         expires_at = int(time.time()) + ttl + 1 if ttl else 0
         os.pwrite(fd, pack_record(value, expires_at), 0)
@@ -278,16 +291,7 @@ class FileCounterStore(CounterStore):
                 with handle.lock:
                     if handle.closed:
                         continue
-                    try:
-                        record = self._read(handle.fd, key)
-                    except CorruptCounter:
-                        # A read racing another process's write may see a torn record: read again
-                        # under a shared lock before calling the file damaged.
-                        fcntl.flock(handle.fd, fcntl.LOCK_SH)
-                        try:
-                            record = self._read(handle.fd, key)
-                        finally:
-                            fcntl.flock(handle.fd, fcntl.LOCK_UN)
+                    record = self._read_settled(handle.fd, key)
                     if record is None:
                         self._discard(key, handle)
                         continue
@@ -415,6 +419,40 @@ class FileCounterStore(CounterStore):
             data = change(self._read_value(key))
             self._write_value(key, data, ttl)
             return data
+
+    def names(self, limit: int) -> list[str]:
+        """The counter files of ``directory`` that hold a live record, at most ``limit`` (then the
+        list may be partial).  Files that are not counters are never listed: per-client counters
+        (``@...``), temporary files, the sweep lock and the shared values' directory (all start with a
+        character no counter name starts with).  Each candidate is read through the store's own read
+        path: a tombstoned file (being reset) is left out, and so is a damaged one (its own counter
+        route reports it as 500).  Disk errors raise ``StoreUnavailable``."""
+        found: list[str] = []
+        try:
+            with os.scandir(self.directory) as entries:
+                for entry in entries:
+                    if len(found) >= limit:
+                        break
+                    if counter_name(entry.name) and entry.is_file() and self._holds_live(entry.name):
+                        found.append(entry.name)
+        except OSError as error:
+            raise StoreUnavailable(f"counter directory {self.directory}: {error}") from error
+        return found
+
+    def _holds_live(self, key: str) -> bool:
+        """Whether counter file ``key`` exists and holds a live, unexpired, undamaged record.  Opened
+        read-only and closed again: listing many counters does not churn the descriptor cache."""
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False  # reset since the directory was listed
+        try:
+            record = self._read_settled(fd, key)
+        except CorruptCounter:
+            return False
+        finally:
+            os.close(fd)
+        return record is not None and not self._is_expired(record)
 
     def health(self) -> dict[str, Any]:
         if not os.path.isdir(self.directory) or not os.access(self.directory, os.W_OK):

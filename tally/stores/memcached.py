@@ -18,7 +18,9 @@ while it is down its counters answer ``StoreUnavailable``, each command within `
 from __future__ import annotations
 
 import logging
+import socket
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,8 +28,8 @@ from typing import Any
 from pymemcache.exceptions import MemcacheClientError, MemcacheError
 
 from ..errors import Conflict, CorruptCounter, StoreUnavailable
-from .base import VALUE_RETRIES, CounterStore, KeyLocks, pause_after_conflict
-from .memcached_client import Connection, PoolExhausted, ServerConnections, server_for
+from .base import VALUE_RETRIES, CounterStore, KeyLocks, counter_name, pause_after_conflict
+from .memcached_client import Connection, PoolExhausted, ServerConnections, parse_address, server_for
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,10 @@ FAST_STEP_MAX = 2**31 - 1
 #: memcached reads an expiry above 30 days as a unix timestamp, not a duration.
 RELATIVE_EXPIRY_MAX = 30 * 24 * 3600
 CAS_RETRIES = 50
+#: The command that lists a server's keys (url-encoded, one ``key=... exp=... ...`` line each).
+METADUMP = b"lru_crawler metadump all\r\n"
+#: memcached runs one crawler at a time and answers BUSY meanwhile: wait this long, then ask again.
+CRAWLER_BUSY_PAUSE = 0.01
 
 
 def memcached_expiry(ttl: int | None) -> int:
@@ -225,6 +231,81 @@ class MemcachedCounterStore(CounterStore):
                     return data
                 pause_after_conflict(attempt)
         raise Conflict(f"shared value {key!r} changed under {VALUE_RETRIES} attempts to update it")
+
+    def names(self, limit: int) -> list[str]:
+        """``lru_crawler metadump all`` on each server in turn, over a plain socket of its own (not a
+        pooled connection: the dump is a stream, and closing it early is how enumeration stops once
+        ``limit`` names are found, the list then possibly partial).
+
+        Keys are url-decoded and kept when they start with ``key_prefix`` and the rest is a counter
+        name (shared values, ``<prefix>=<name>``, and per-client keys, ``<prefix>@...``, are not).
+        Each server's dump, connect included, must finish by a deadline ``timeout`` seconds after it
+        starts (every socket wait is capped by what is left of it, as for every other command); a
+        server that is unreachable, answers an error, or does not finish by then raises
+        ``StoreUnavailable``, never a partial list.  memcached runs one crawler at a time: while
+        another client's dump runs it answers BUSY, and the request is repeated until the deadline.
+        Every item of the server is dumped, whatever its prefix (measured here: 400,000 items in
+        0.22 s), so a server holding more than about ``timeout`` x 10^6 items cannot be listed in time.
+        """
+        found: dict[str, None] = {}
+        for address in self.servers:
+            if len(found) >= limit:
+                break
+            self._dump_names(address, limit, found)
+        return list(found)
+
+    def _dump_names(self, address: str, limit: int, found: dict[str, None]) -> None:
+        deadline = time.monotonic() + self.timeout
+        try:
+            while not self._dump_once(address, deadline, limit, found):
+                time.sleep(min(CRAWLER_BUSY_PAUSE, self._left(deadline)))  # BUSY: ask again shortly
+        except (OSError, UnicodeDecodeError) as error:
+            raise StoreUnavailable(f"memcached {address}: {type(error).__name__}: {error}") from error
+
+    def _left(self, deadline: float) -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"the key dump did not finish within {self.timeout} s")
+        return remaining
+
+    def _dump_once(self, address: str, deadline: float, limit: int, found: dict[str, None]) -> bool:
+        """One ``metadump`` into ``found``: ``True`` when it ended (END, or ``limit`` reached),
+        ``False`` when the crawler was busy with another client's dump."""
+        with socket.create_connection(parse_address(address), timeout=self._left(deadline)) as sock:
+            sock.settimeout(self._left(deadline))
+            sock.sendall(METADUMP)
+            # memcached escapes keys as urllib's quote does (all but A-Z a-z 0-9 - . _ ~ as %XX): lines
+            # of other prefixes are skipped by this byte comparison, without decoding them.
+            ours = b"key=" + urllib.parse.quote(self.key_prefix, safe="").encode("ascii")
+            pending = b""
+            while True:
+                sock.settimeout(self._left(deadline))
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("memcached closed the connection during the key dump")
+                *lines, pending = (pending + chunk).split(b"\n")  # key lines end in \n, END in \r\n
+                for line in lines:
+                    if line.startswith(ours):
+                        name = self._dumped_name(line)
+                        if name is not None:
+                            found[name] = None
+                            if len(found) >= limit:
+                                return True  # closing the socket ends the dump
+                    elif line.startswith(b"key="):
+                        continue
+                    elif line == b"END\r":
+                        return True
+                    elif line.startswith(b"BUSY"):
+                        return False
+                    else:
+                        raise ConnectionError(f"memcached answered {line[:100]!r} to the key dump")
+
+    def _dumped_name(self, line: bytes) -> str | None:
+        """The counter name in a metadump line ``key=<url-encoded key> exp=...``, or ``None``."""
+        key = urllib.parse.unquote(line[4:].split(b" ", 1)[0].decode("ascii"))
+        if not key.startswith(self.key_prefix):
+            return None
+        return counter_name(key[len(self.key_prefix) :])
 
     def session_client(self) -> MemcachedSessionClient:
         """A client for Flask-Session (``get``, ``set``, ``delete``) on these servers and connections,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import NotOneProcess
-from .base import CounterStore
+from .base import CounterStore, counter_name
 
 #: Lock files this process holds, by path: one open descriptor per file, whatever the number of stores.
 _HELD_LOCKS: dict[str, int] = {}
@@ -144,6 +144,20 @@ class MemoryCounterStore(CounterStore):
             self._shared[key] = (data, now + ttl if ttl else None)
             return data
 
+    def names(self, limit: int) -> list[str]:
+        """The live shared counters in the dict (per-client keys and shared values are never listed),
+        at most ``limit``: a partial list when there are more.  ``NotOneProcess`` as for every call."""
+        self._check_process()
+        found: list[str] = []
+        with self._lock:
+            now = time.monotonic()
+            for key, (_, expires) in self._values.items():
+                if len(found) >= limit:
+                    break
+                if (expires is None or expires > now) and counter_name(key):  # not "@..." keys
+                    found.append(key)
+        return found
+
     def health(self) -> dict[str, Any]:
         self._check_process()
         with self._lock:
@@ -158,6 +172,7 @@ def _hold_lock(path: str) -> None:
     with _HELD_LOCKS_GUARD:
         if path in _HELD_LOCKS:
             return
+        os.makedirs(os.path.dirname(path), exist_ok=True)  # the instance folder, which apps may lack
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

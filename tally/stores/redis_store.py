@@ -11,7 +11,15 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..errors import Conflict, CorruptCounter, Overflow, StoreUnavailable
-from .base import VALUE_RETRIES, CounterStore, KeyLocks, pause_after_conflict
+from .base import VALUE_RETRIES, CounterStore, KeyLocks, counter_name, pause_after_conflict
+
+#: Keys Redis looks at per ``SCAN`` call while enumerating counter names (a hint, not a bound).
+SCAN_COUNT = 1000
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis ``MATCH`` pattern."""
+    return "".join("\\" + char if char in "*?[]\\" else char for char in text)
 
 
 class RedisCounterStore(CounterStore):
@@ -132,6 +140,35 @@ class RedisCounterStore(CounterStore):
                 finally:
                     pipe.reset()
         raise Conflict(f"shared value {key!r} changed under {VALUE_RETRIES} attempts to update it")
+
+    def names(self, limit: int) -> list[str]:
+        """``SCAN`` with ``MATCH <prefix>*`` (never ``KEYS``, which blocks the server), stopping once
+        ``limit`` names are found: then the list may be partial.  Each ``SCAN`` call answers within
+        ``timeout`` or raises ``StoreUnavailable``; SCAN may repeat a key, listed here once."""
+        pattern = glob_escape(self.key_prefix) + "*"
+        found: dict[str, None] = {}
+        cursor = 0
+        with self._errors():
+            while len(found) < limit:
+                cursor, keys = self._redis.scan(cursor, match=pattern, count=SCAN_COUNT)
+                for raw in keys:
+                    name = self._counter_name(raw)
+                    if name is not None and len(found) < limit:
+                        found[name] = None
+                if cursor == 0:
+                    break
+        return list(found)
+
+    def _counter_name(self, raw: bytes) -> str | None:
+        """The counter name of a key under the prefix; ``None`` for shared values (``<prefix>=...``),
+        per-client counters (``<prefix>@...``) and anything else that is not a valid name."""
+        try:
+            key = raw.decode()
+        except UnicodeDecodeError:
+            return None
+        if not key.startswith(self.key_prefix):
+            return None
+        return counter_name(key[len(self.key_prefix) :])
 
     def health(self) -> dict[str, Any]:
         with self._errors():

@@ -1,0 +1,250 @@
+"""``GET /api/leaderboard``: the busiest shared counters, a deliberately stale view kept in
+Flask-Caching's ``cache`` for at most ``LEADERBOARD_MAX_AGE`` seconds.
+
+This is the job an expiring cache is right for: the list is costly to compute (every counter name is
+enumerated and read) and nobody is hurt when it is a few seconds old, as long as it says how old it
+is.  Counters themselves never go through the cache: ``/api/counters/<name>`` reads the store on
+every request.
+
+Guarantees:
+- The answer lists the top ``TOP`` counters by value (ties by name), with values read at or after
+  ``computed_at``, which is never more than ``max_age`` seconds before the answer.  That is checked
+  on every read of the cached entry, so memcached's whole-second expiry, another app's longer
+  setting or a clock running backwards cannot stretch it.  A counter changed while the values are
+  read shows either value.
+- Only a list computed for this counter store is served: the cache key and the entry name the store
+  (backend, directory or servers, key prefix) and the scan limit, so apps sharing a page cache (one
+  memcached, one Redis) never see each other's lists; an entry that is malformed, another store's or
+  too old is a miss.
+- The page cache may fail without harm: every call to it is bounded by ``COUNTER_TIMEOUT``, and an
+  error or an overrun is a miss, so the list is computed from the store instead.  Flask-Caching's own
+  ``@cache.cached`` gives none of this: its key is the path alone, it trusts the backend's expiry, in
+  debug mode it re-raises a backend error (a 500), and nothing bounds a call to a hung backend
+  (Flask-Caching's Redis client has no socket timeout, pylibmc waits 5 s).
+- A store that cannot be reached answers 503 (``StoreUnavailable``, through the app's error
+  handlers), a memory store in a second process 500 (``NotOneProcess``): never an empty or guessed
+  list.  A counter that cannot be read (``CorruptCounter``) is left out and logged; its own route
+  reports it.
+- With more than ``LEADERBOARD_SCAN_LIMIT`` counters only that many are looked at (the store stops
+  enumerating there): the list is then the top of an arbitrary subset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify
+from flask.blueprints import BlueprintSetupState
+
+from common import cache
+from settings import ConfigError
+from tally import CorruptCounter
+from tally.names import NAME_PATTERN
+from tally.stores import CounterStore
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("leaderboard", __name__, url_prefix="/api")
+
+#: How many counters the leaderboard shows.
+TOP = 10
+DEFAULT_MAX_AGE = 10
+DEFAULT_SCAN_LIMIT = 10_000
+#: How far in the future a cached ``computed_at`` may lie (another host's clock) and still be served.
+CLOCK_SKEW = 1.0
+
+Rows = list[tuple[str, int]]
+
+
+@bp.record_once
+def _configure(state: BlueprintSetupState) -> None:
+    """Defaults and checks of the two settings when the blueprint is registered: a bad value stops
+    the app at start-up with one ``ConfigError`` line naming the key."""
+    config = state.app.config
+    config.setdefault("LEADERBOARD_MAX_AGE", DEFAULT_MAX_AGE)
+    config.setdefault("LEADERBOARD_SCAN_LIMIT", DEFAULT_SCAN_LIMIT)
+    for key, least in (("LEADERBOARD_MAX_AGE", 0), ("LEADERBOARD_SCAN_LIMIT", 1)):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"setting {key} must be a whole number >= {least}; got {value!r}")
+
+
+# -- the page cache, every call bounded in time -------------------------------------------------------
+
+
+class BoundedCalls:
+    """Runs each call to a page-cache backend in a helper thread and waits for it at most ``within``
+    seconds.  A call that raises or overruns returns ``FAILED`` (and is logged); an overrunning
+    thread is left to finish on its own, and until it has, further calls to that backend in this
+    process return ``FAILED`` at once: a hung backend holds one thread per process, not one per
+    request."""
+
+    FAILED = object()
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._overdue: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+    def call(self, backend: Any, method: str, *args: Any, within: float) -> Any:
+        """``backend.<method>(*args)``, or ``FAILED``."""
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child: the parent's stuck threads are not here
+                self._pid = os.getpid()
+                self._overdue = weakref.WeakKeyDictionary()
+            if self._overdue.get(backend):
+                return self.FAILED
+        outcome: dict[str, Any] = {}
+        state = {"done": False, "overdue": False}
+        finished = threading.Event()
+
+        def run() -> None:
+            try:
+                outcome["value"] = getattr(backend, method)(*args)
+            except Exception as error:  # a backend error is a miss, never an answer
+                outcome["error"] = error
+            finally:
+                with self._lock:
+                    state["done"] = True
+                    if state["overdue"] and self._overdue.get(backend):
+                        self._overdue[backend] -= 1
+                finished.set()
+
+        threading.Thread(target=run, name="tally-leaderboard-cache", daemon=True).start()
+        finished.wait(within)
+        with self._lock:
+            if not state["done"]:
+                state["overdue"] = True
+                self._overdue[backend] = self._overdue.get(backend, 0) + 1
+                log.warning("leaderboard: page cache %s() gave no answer within %s s", method, within)
+                return self.FAILED
+        if "error" in outcome:
+            error = outcome["error"]
+            log.warning("leaderboard: page cache %s() failed: %s: %s", method, type(error).__name__, error)
+            return self.FAILED
+        return outcome["value"]
+
+
+bounded = BoundedCalls()
+
+
+# -- the list -----------------------------------------------------------------------------------------
+
+
+def store_scope(store: CounterStore, scan_limit: int) -> str:
+    """A digest naming what a list is computed from: the store's backend, its directory or servers,
+    its key prefix, and the scan limit (a password in a Redis URL goes only into the digest)."""
+    parts = [store.backend, f"scan_limit={scan_limit}"]
+    for attribute in ("directory", "servers", "url", "key_prefix"):
+        if hasattr(store, attribute):
+            parts.append(f"{attribute}={getattr(store, attribute)!r}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def cache_key(scope: str) -> str:
+    """The page-cache key of the list for ``scope`` (Flask-Caching prepends ``CACHE_KEY_PREFIX``)."""
+    return f"tally-leaderboard/{scope}"
+
+
+def _rank(row: tuple[str, int]) -> tuple[int, str]:
+    return -row[1], row[0]
+
+
+def top_counters(store: CounterStore, scan_limit: int) -> Rows:
+    """The ``TOP`` counters by value, ties by name, among ``store.names(scan_limit)``, each read with
+    ``store.get``.  ``StoreUnavailable`` propagates; a ``CorruptCounter`` is left out and logged."""
+    rows = []
+    for name in store.names(scan_limit):
+        try:
+            rows.append((name, store.get(name)))
+        except CorruptCounter as error:
+            log.warning("leaderboard: counter %r left out: %s", name, error)
+    return heapq.nsmallest(TOP, rows, key=_rank)
+
+
+def encode_entry(scope: str, computed_at: float, rows: Rows) -> str:
+    """The cached form of a list: JSON text, which every backend stores as it is."""
+    entry = {"scope": scope, "computed_at": computed_at, "counters": [list(row) for row in rows]}
+    return json.dumps(entry, separators=(",", ":"))
+
+
+def _valid_row(row: Any) -> bool:
+    return (
+        isinstance(row, tuple)
+        and isinstance(row[0], str)
+        and NAME_PATTERN.fullmatch(row[0]) is not None
+        and isinstance(row[1], int)
+        and not isinstance(row[1], bool)
+    )
+
+
+def decode_entry(raw: Any, scope: str, max_age: int, now: float) -> tuple[float, Rows] | None:
+    """``(computed_at, rows)`` of a cached entry that is well formed, computed for ``scope`` and at
+    most ``max_age`` seconds old at ``now``; ``None`` (a miss) for anything else."""
+    if raw is None:
+        return None
+    try:
+        entry = json.loads(raw)
+        computed_at = entry["computed_at"]
+        rows = [(name, value) for name, value in entry["counters"]]
+        valid = (
+            entry["scope"] == scope
+            and isinstance(computed_at, (int, float))
+            and not isinstance(computed_at, bool)
+            and now - max_age <= computed_at <= now + CLOCK_SKEW
+            and len(rows) <= TOP
+            and all(_valid_row(row) for row in rows)
+            and rows == sorted(rows, key=_rank)
+            and len({name for name, _ in rows}) == len(rows)
+        )
+    except (TypeError, ValueError, KeyError):
+        valid = False
+    if not valid:
+        log.warning("leaderboard: a cached entry that is malformed, another store's or too old was ignored")
+        return None
+    return float(computed_at), rows
+
+
+@bp.get("/leaderboard")
+def leaderboard() -> Response:
+    """``{"counters": [{"name": ..., "value": ...}, ...], "computed_at": <unix time>, "max_age": <s>}``,
+    at most ``max_age`` seconds old; ``Cache-Control: public, max-age=<max_age>`` with an ``Age``
+    header saying how much of it is used up, so a downstream cache cannot make it older either."""
+    config = current_app.config
+    max_age: int = config["LEADERBOARD_MAX_AGE"]
+    scan_limit: int = config["LEADERBOARD_SCAN_LIMIT"]
+    within = float(config.get("COUNTER_TIMEOUT", 0.5))
+    store: CounterStore = current_app.extensions["tally"]
+    scope = store_scope(store, scan_limit)
+    backend = cache.cache  # resolved in the app context; the bounded calls run in a helper thread
+
+    found = None
+    if max_age > 0:
+        raw = bounded.call(backend, "get", cache_key(scope), within=within)
+        if raw is not BoundedCalls.FAILED:
+            found = decode_entry(raw, scope, max_age, time.time())
+    if found is not None:
+        computed_at, rows = found
+    else:
+        computed_at = round(time.time(), 3)  # taken before the reads: every value is at least this new
+        rows = top_counters(store, scan_limit)
+        if max_age > 0:
+            entry = encode_entry(scope, computed_at, rows)
+            bounded.call(backend, "set", cache_key(scope), entry, max_age, within=within)
+
+    response = jsonify(
+        counters=[{"name": name, "value": value} for name, value in rows],
+        computed_at=computed_at,
+        max_age=max_age,
+    )
+    response.headers["Cache-Control"] = f"public, max-age={max_age}"
+    response.headers["Age"] = str(max(0, int(time.time() - computed_at)))
+    return response

@@ -1,0 +1,135 @@
+"""Tally in someone else's Flask app, installed from the built wheel into a fresh virtual environment.
+
+The wheel holds the library `tally` and nothing else at the top level; the example app
+(tests/example_app: `common.py` with `cache = Cache()` and `counters = Counters(cache)`,
+`cache.init_app(app, config={...})`, no Tally setting at all) runs from a copy outside the checkout
+under gunicorn 4x8, and 100 clients x 20 increments get exactly 1..2000 on every shared store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tally.loadcheck import run_load
+from tests.servers import ROOT, Gunicorn
+
+pytestmark = pytest.mark.slow
+
+EXAMPLE = ROOT / "tests" / "example_app"
+DEMO_MODULES = ("app", "common", "settings", "commands", "sessions", "routes")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """Built from a copy of the files git knows: an in-tree build would leave build/ in the checkout
+    and could pack a stale file from an earlier build."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    source = tmp_path_factory.mktemp("source")
+    for name in (path.decode() for path in listed if path):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    out = tmp_path_factory.mktemp("dist")
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip_wheel, "-w", out, source], check=True)
+    (built,) = out.glob("flask_tally-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory, wheel) -> Path:
+    """A fresh virtual environment with only the wheel, its memcached and redis extras, and gunicorn."""
+    home = tmp_path_factory.mktemp("venv")
+    subprocess.run([sys.executable, "-m", "venv", home], check=True)
+    pip = [home / "bin" / "python", "-m", "pip", "--disable-pip-version-check", "-q", "install"]
+    subprocess.run([*pip, f"{wheel}[memcached,redis]", "gunicorn"], check=True)
+    return home
+
+
+def test_the_wheel_holds_the_library_and_nothing_else(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/", 1)[0] for name in names}
+    assert top == {"tally", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
+    assert "tally/py.typed" in names
+    assert "tally/stores/memcached_client.py" in names
+    assert not any(name.split("/")[-1] in ("settings.toml", "index.html") for name in names)
+
+
+def test_installing_the_wheel_adds_no_demo_module(venv, tmp_path):
+    probe = "import importlib.util, tally; print(tally.__file__); " + "; ".join(
+        f"print({name!r}, importlib.util.find_spec({name!r}) is not None)" for name in DEMO_MODULES
+    )
+    out = subprocess.run(
+        [venv / "bin" / "python", "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out[0].startswith(str(venv))  # the installed library, not the checkout
+    assert all(line.endswith("False") for line in out[1:]), out
+
+
+@pytest.fixture
+def example_dir(tmp_path) -> Path:
+    """A copy of the example app outside the checkout, so that only the installed `tally` is found."""
+    target = tmp_path / "example"
+    shutil.copytree(EXAMPLE, target, ignore=shutil.ignore_patterns("__pycache__", "instance"))
+    return target
+
+
+class ExampleServer(Gunicorn):
+    def __init__(self, venv: Path, directory: Path, env: dict[str, str]) -> None:
+        super().__init__(env, instance_path=str(directory / "instance"))
+        self.venv = venv
+        self.directory = directory
+
+    def command(self) -> list[str]:
+        return [str(self.venv / "bin" / "gunicorn"), "-c", "gunicorn.conf.py", "app:app"]
+
+    def start(self) -> ExampleServer:
+        self.env = {**self.env, "EXAMPLE_BIND": self.address, "PYTHONPATH": ""}
+        os.makedirs(self.instance_path, exist_ok=True)
+        self.log_path = os.path.join(self.instance_path, "gunicorn.log")
+        environment = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "TALLY_"))}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command(), cwd=self.directory, env={**environment, **self.env}, stdout=log, stderr=log
+            )
+        from tests.servers import wait_for_port
+
+        wait_for_port(self.port, self.process, timeout=30)
+        self.wait_ready()
+        return self
+
+
+@pytest.mark.parametrize("store", ["filesystem", "memcached", "redis", "seed-spelling"])
+def test_the_example_app_counts_exactly_under_gunicorn(venv, example_dir, store, request, tmp_path):
+    env = {"EXAMPLE_STORE": store, "EXAMPLE_CACHE_DIR": str(tmp_path / "page-cache")}
+    if store == "memcached":
+        env["EXAMPLE_MEMCACHED"] = request.getfixturevalue("memcached_server").address
+    if store == "redis":
+        env["EXAMPLE_REDIS_URL"] = request.getfixturevalue("redis_server").url.replace("/0", "/3")
+    server = ExampleServer(venv, example_dir, env)
+    try:
+        server.start()
+        report = run_load(f"{server.url}/hits", clients=100, requests=20, keepalive=False)
+    finally:
+        server.stop()
+    assert report.errors == {} and report.ok == 2000, (
+        report.statuses,
+        report.errors,
+        server.log_text()[-2000:],
+    )
+    assert report.exact(start=0)
+    if store in ("filesystem", "seed-spelling"):
+        # the counters live in the instance folder, never in CACHE_DIR, which cachelib prunes
+        assert (example_dir / "instance" / "counters").is_dir()
