@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
-STORE_EXTRAS := .[demo,memcached,redis]
-TEST_EXTRAS := .[demo,memcached,redis,test]
+STORE_EXTRAS := .[demo,memcached,redis,sql]
+TEST_EXTRAS := .[demo,memcached,redis,sql,test]
 
 .PHONY: run test stress bench race-report lint servers clean
 
@@ -34,16 +34,18 @@ $(VENV)/.test: $(VENV)/.base
 run: $(VENV)/.base
 	$(VENV)/bin/gunicorn -c gunicorn.conf.py app:app
 
-# The tests start real memcached and redis-server processes and drive headless Chromium.
+# The tests start real memcached, redis-server and PostgreSQL (initdb + postgres, found on PATH or in
+# Debian's /usr/lib/postgresql/*/bin) processes and drive headless Chromium.
+HAVE_POSTGRES = { command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }
 servers:
 	@if command -v memcached >/dev/null && command -v redis-server >/dev/null \
-		&& command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+		&& command -v chromium >/dev/null && command -v chromedriver >/dev/null && $(HAVE_POSTGRES); then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			memcached redis-server chromium chromium-driver >/dev/null; \
+			memcached redis-server chromium chromium-driver postgresql >/dev/null; \
 	else \
-		echo "make test needs memcached, redis-server, chromium and chromedriver:"; \
-		echo "  Debian: sudo apt-get install memcached redis-server chromium chromium-driver"; exit 1; \
+		echo "make test needs memcached, redis-server, PostgreSQL, chromium and chromedriver:"; \
+		echo "  Debian: sudo apt-get install memcached redis-server postgresql chromium chromium-driver"; exit 1; \
 	fi
 
 test: $(VENV)/.test servers

@@ -11,6 +11,7 @@ import urllib.request
 from urllib.parse import urlsplit
 
 import click
+from flask import current_app
 from flask.cli import AppGroup
 
 from common import counters
@@ -25,6 +26,19 @@ def _run(operation, *args) -> None:
         click.echo(operation(*args))
     except TallyError as error:
         raise click.ClickException(str(error)) from error
+
+
+@counters_cli.command("init-db")
+def init_db_command() -> None:
+    """Create the sql store's tables (COUNTER_STORE = "sql"), if they are missing."""
+    store = current_app.extensions["tally"]
+    if not hasattr(store, "create_schema"):
+        raise click.ClickException(f"the {store.backend} store has no tables: COUNTER_STORE is not \"sql\"")
+    try:
+        store.create_schema()
+    except TallyError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"tables ready in {store.url}")
 
 
 @counters_cli.command("get")

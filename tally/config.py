@@ -20,6 +20,7 @@ class ConfigError(ValueError):
 
 #: Tally's own keys and their defaults.  Relative directories resolve under the instance folder.
 DEFAULTS: dict[str, Any] = {
+    "COUNTER_STORE": None,  # None: follow CACHE_TYPE; "sql": the database at SQLALCHEMY_DATABASE_URI
     "COUNTER_DIR": "counters",  # filesystem counters: never CACHE_DIR, which cachelib prunes
     "COUNTER_FSYNC": False,  # flush every filesystem step to disk (survives power loss; slower)
     "COUNTER_SWEEP_INTERVAL": 300,  # seconds between sweeps of expired per-client counters
@@ -98,7 +99,13 @@ def _directory(value: Any) -> bool:
 
 
 #: key -> (check, what the check expects)
+#: Stores chosen by COUNTER_STORE rather than by the cache backend.
+COUNTER_STORES = ("sql",)
+#: The database of COUNTER_STORE = "sql" when SQLALCHEMY_DATABASE_URI is not set (in the instance folder).
+DEFAULT_DATABASE_URI = "sqlite:///tally.db"
+
 CHECKS: dict[str, tuple[Any, str]] = {
+    "COUNTER_STORE": (lambda v: v is None or v in COUNTER_STORES, 'unset, or "sql"'),
     "COUNTER_DIR": (_directory, "a directory path"),
     "COUNTER_FSYNC": (lambda v: isinstance(v, bool), "true or false"),
     "COUNTER_SWEEP_INTERVAL": (_positive, "a number of seconds > 0"),
@@ -200,6 +207,35 @@ def _from_cache_backend(backend: Any) -> dict[str, Any]:
     return found
 
 
+def database_uri(uri: Any, instance_path: str) -> str:
+    """``SQLALCHEMY_DATABASE_URI`` for the sql store: ``sqlite:///relative.db`` resolved under the
+    instance folder, ``postgresql://`` driven by psycopg 3; anything else is a ``ConfigError``."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(os.fspath(uri) if isinstance(uri, os.PathLike) else uri)
+    except (ArgumentError, TypeError, ValueError) as error:
+        raise ConfigError(
+            f"setting SQLALCHEMY_DATABASE_URI must be a database URL; got {uri!r}: {error}"
+        ) from None
+    if url.drivername in ("sqlite", "sqlite+pysqlite"):
+        if not url.database or url.database == ":memory:":
+            raise ConfigError(
+                "SQLALCHEMY_DATABASE_URI: an in-memory SQLite database is private to one connection;"
+                " name a file (sqlite:///tally.db is created in the instance folder)"
+            )
+        path = os.path.abspath(os.path.join(instance_path, url.database))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return url.set(drivername="sqlite", database=path).render_as_string(hide_password=False)
+    if url.drivername in ("postgresql", "postgresql+psycopg"):
+        return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    raise ConfigError(
+        f"SQLALCHEMY_DATABASE_URI {url.render_as_string(hide_password=True)!r}: the sql store supports"
+        " sqlite:///... and postgresql+psycopg://..."
+    )
+
+
 def cache_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """Flask-Caching's keys in ``config``, checked for the backend they name: the canonical
     ``CACHE_TYPE`` (none at all: the embedded filesystem store), its directory or servers, its key
@@ -233,6 +269,11 @@ def store_settings(app: Flask, cache_backend: Any = None) -> dict[str, Any]:
     settings.update(cache)
 
     backend = settings["CACHE_TYPE"]
+    settings["STORE"] = settings["COUNTER_STORE"] or backend
+    if settings["STORE"] == "sql":
+        settings["SQLALCHEMY_DATABASE_URI"] = database_uri(
+            config.get("SQLALCHEMY_DATABASE_URI") or DEFAULT_DATABASE_URI, app.instance_path
+        )
     if backend == "MemcachedCache" and not settings.get("CACHE_MEMCACHED_SERVERS"):
         # the cache's client did not say (another client library): the servers it was given
         settings["CACHE_MEMCACHED_SERVERS"] = _server_list(config.get("CACHE_MEMCACHED_SERVERS"))

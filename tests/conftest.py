@@ -14,15 +14,18 @@ SESSION_INSTANCE = os.environ.setdefault(
     "TALLY_INSTANCE_PATH", tempfile.mkdtemp(prefix="tally-test-instance-")
 )
 
-from tests.servers import Gunicorn, Memcached, Redis  # noqa: E402
+from tests.servers import Gunicorn, Memcached, Postgres, Redis  # noqa: E402
 
 BACKENDS = {
     "filesystem": "FileSystemCache",
     "memory": "SimpleCache",
     "memcached": "MemcachedCache",
     "redis": "RedisCache",
+    "sqlite": "FileSystemCache",  # COUNTER_STORE = "sql": counters in the database; the page cache
+    "postgresql": "FileSystemCache",  # and sessions follow CACHE_TYPE
 }
-SHARED_BACKENDS = ["filesystem", "memcached", "redis"]
+SHARED_BACKENDS = ["filesystem", "memcached", "redis", "sqlite", "postgresql"]
+SQL_BACKENDS = ["sqlite", "postgresql"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,6 +41,13 @@ def memcached_server():
     server = Memcached("memcached").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    server = Postgres().start()
+    yield server
+    server.remove()
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +72,13 @@ def store_settings(request, tmp_path):
             settings["CACHE_MEMCACHED_SERVERS"] = [request.getfixturevalue("memcached_server").address]
         if backend == "redis":
             settings["CACHE_REDIS_URL"] = request.getfixturevalue("redis_server").url
+        if backend in SQL_BACKENDS:
+            settings["COUNTER_STORE"] = "sql"
+            settings["SQLALCHEMY_DATABASE_URI"] = (
+                f"sqlite:///{tmp_path / 'tally.db'}"
+                if backend == "sqlite"
+                else request.getfixturevalue("postgres_server").url
+            )
         return settings
 
     return settings_for

@@ -100,6 +100,38 @@ elif os.environ.get("NAIVE_MEMCACHED_SERVERS"):
             return jsonify(value=client.incr(name, 1))
 
 
+if os.environ.get("NAIVE_DATABASE_URL"):
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(os.environ["NAIVE_DATABASE_URL"], pool_size=16, max_overflow=0)
+    with engine.begin() as setup:
+        setup.execute(
+            text("CREATE TABLE IF NOT EXISTS naive_counters (name VARCHAR(64) PRIMARY KEY, value BIGINT)")
+        )
+
+    @app.post("/naive-sql/<name>/incr")
+    def naive_sql_incr(name):
+        """SELECT the value, add one in Python, UPDATE it: what a first database answer writes.  Two
+        requests that read the same value both write value + 1 (read committed: no lock is held)."""
+        with engine.begin() as connection:
+            found = connection.execute(text("SELECT value FROM naive_counters WHERE name = :n"), {"n": name})
+            current = found.scalar()
+            if current is None:
+                connection.execute(
+                    text(
+                        "INSERT INTO naive_counters (name, value) VALUES (:n, 0)"
+                        " ON CONFLICT (name) DO NOTHING"
+                    ),
+                    {"n": name},
+                )
+                current = 0
+            value = current + 1
+            connection.execute(
+                text("UPDATE naive_counters SET value = :v WHERE name = :n"), {"v": value, "n": name}
+            )
+        return jsonify(value=value)
+
+
 @app.get("/livez")
 def livez():
     return jsonify(status="ok")

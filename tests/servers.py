@@ -5,6 +5,7 @@ Every process is started here, waited for until it answers, and stopped by its o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -289,3 +290,129 @@ class DevServer(Gunicorn):
 
     def command(self) -> list[str]:
         return [sys.executable, str(ROOT / "tests" / "dev_server.py"), str(self.port), self.model]
+
+
+def postgres_binary(name: str) -> str:
+    """initdb / postgres from PATH, else Debian's versioned directory (not on PATH there)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
+    if not candidates:
+        raise RuntimeError("PostgreSQL is not installed: run `make test` (it installs it)")
+    return str(candidates[-1])
+
+
+class Postgres(Server):
+    """A PostgreSQL cluster of its own in a temporary directory, on a free loopback port, trust
+    authentication on loopback.  initdb and postgres refuse to run as root: as root they run as the
+    ``postgres`` user.  ``stop`` is a fast shutdown of the postmaster by pid; ``crash`` kills it and
+    every backend with SIGKILL (a power cut, as far as the server can tell); ``start`` again recovers."""
+
+    def __init__(self) -> None:
+        super().__init__("postgres")
+        self.user = "postgres" if os.geteuid() == 0 else None
+        self.data_dir = tempfile.mkdtemp(prefix="tally-postgres-")
+        if self.user:
+            shutil.chown(self.data_dir, self.user)
+        subprocess.run(
+            [postgres_binary("initdb"), "-D", self.data_dir, "-U", "postgres", "-A", "trust", "--no-sync"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            user=self.user,
+            cwd="/",
+        )
+
+    def command(self) -> list[str]:
+        return [
+            postgres_binary("postgres"),
+            "-D",
+            self.data_dir,
+            "-p",
+            str(self.port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={self.data_dir}",
+            "-c",
+            "max_connections=200",
+            "-c",
+            "shared_buffers=32MB",
+        ]
+
+    def start(self) -> Postgres:
+        self.process = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, user=self.user, cwd="/"
+        )
+        wait_for_port(self.port, self.process, timeout=30)
+        self.wait_accepting()
+        return self
+
+    def wait_accepting(self, timeout: float = 30.0) -> None:
+        """The port opens before the server takes queries (and after a crash it recovers first)."""
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with psycopg.connect(self.conninfo, connect_timeout=2) as connection:
+                    connection.execute("SELECT 1")
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def _all_pids(self) -> list[int]:
+        assert self.process is not None
+        pids = [self.process.pid]
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as stat:
+                        if int(stat.read().rsplit(")", 1)[1].split()[1]) == self.process.pid:
+                            pids.append(int(entry))
+                except (OSError, ValueError, IndexError):
+                    continue
+        return pids
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
+            os.kill(self.process.pid, signal.SIGINT)  # fast shutdown: no waiting for clients
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.crash()
+
+    def crash(self) -> None:
+        """SIGKILL the postmaster and its backends; committed transactions survive in the WAL."""
+        assert self.process is not None
+        for pid in self._all_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait(timeout=15)
+
+    def pause(self) -> None:
+        for pid in self._all_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            for pid in self._all_pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    @property
+    def conninfo(self) -> str:
+        return f"host={HOST} port={self.port} user=postgres dbname=postgres"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@{HOST}:{self.port}/postgres"

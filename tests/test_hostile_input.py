@@ -223,11 +223,34 @@ def redis_items(url: str, prefix: str) -> dict[bytes, tuple[bytes | None, int]]:
         client.close()
 
 
+def sql_rows(store) -> dict[str, list[tuple]]:
+    """Both tables' rows under the store's key prefix, in key order."""
+    from sqlalchemy import select
+
+    from tally.stores.sql import counters_table, values_table
+
+    with store._connection() as connection:
+        return {
+            table.name: [
+                tuple(row)
+                for row in connection.execute(
+                    select(table).where(table.c[key].startswith(store.key_prefix)).order_by(table.c[key])
+                )
+            ]
+            for table, key in ((counters_table, "name"), (values_table, "key"))
+        }
+
+
 def snapshot(app, backend: str, root: Path, memcached_server=None):
     """Everything a request could have changed: the files under the test's folder (counters, values,
-    sessions, page cache, secret key) and, for a server store, its keys under the counter prefix."""
+    sessions, page cache, secret key) and, for a server store, its keys under the counter prefix.
+    A SQLite database is compared by its rows: a read changes its -shm file, and a checkpoint moves
+    pages between the WAL and the database file."""
     state = {"files": files_under(root)}
     store = app.extensions["tally"]
+    if backend in ("sqlite", "postgresql"):
+        state["files"] = {name: digest for name, digest in state["files"].items() if "tally.db" not in name}
+        state["sql"] = sql_rows(store)
     if backend == "memory":
         state["memory"] = (dict(store._values), dict(store._shared))
     elif backend == "redis":

@@ -531,8 +531,8 @@ def test_a_bad_page_action_is_400_and_changes_nothing(web, data):
 # -- health ----------------------------------------------------------------------------------------
 
 
-def test_healthz_reports_the_backend_and_latency(web):
-    response = web.get("/healthz")
+def test_healthz_reports_the_backend_and_latency(admin):
+    response = admin.get("/healthz", headers=ADMIN)  # the details are for the operator (test_metrics.py)
     assert response.status_code == 200
     body = response.get_json()
     assert body["backend"] == "filesystem"
@@ -555,7 +555,7 @@ def test_a_store_that_is_down_is_a_quick_503(make_app, tmp_path, backend):
         down = {"CACHE_TYPE": "RedisCache", "CACHE_REDIS_URL": f"redis://{HOST}:{port}/0"}
     else:
         down = {"CACHE_TYPE": "MemcachedCache", "CACHE_MEMCACHED_SERVERS": [f"{HOST}:{port}"]}
-    app = make_app(down, COUNTER_DIR=str(tmp_path / "counters"), COUNTER_TIMEOUT=0.5)
+    app = make_app(down, COUNTER_DIR=str(tmp_path / "counters"), COUNTER_TIMEOUT=0.5, TALLY_ADMIN_TOKEN=TOKEN)
     web = app.test_client()
 
     for request in (
@@ -570,7 +570,7 @@ def test_a_store_that_is_down_is_a_quick_503(make_app, tmp_path, backend):
         assert_error(response, 503, "store_unavailable")
 
     began = time.monotonic()
-    response = web.get("/healthz")
+    response = web.get("/healthz", headers=ADMIN)
     assert time.monotonic() - began < 5
     assert response.status_code == 503
     body = response.get_json()
@@ -906,6 +906,7 @@ def test_the_page_lists_the_last_ten_visitors_once_each_newest_first(fs_app):
 def test_the_page_names_the_store_and_loads_nothing_from_elsewhere(make_app, store_settings, backend):
     page = make_app(store_settings(backend)).test_client().get("/").get_data(as_text=True)
     names = {"filesystem": "filesystem", "memory": "memory", "memcached": "memcached", "redis": "redis"}
+    names.update(sqlite="sql", postgresql="sql")
     assert f"<strong>{names[backend]}</strong> store" in page
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # no CDN: the machine may be offline
     assert '<html lang="en">' in page and "<main>" in page

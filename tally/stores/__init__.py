@@ -1,4 +1,5 @@
-"""Counter stores, one module per backend, chosen once from the Flask-Caching ``CACHE_TYPE``."""
+"""Counter stores, one module per backend, chosen once: ``COUNTER_STORE`` when set, else the
+Flask-Caching ``CACHE_TYPE``."""
 
 from __future__ import annotations
 
@@ -49,19 +50,33 @@ def _redis(config: Mapping[str, Any], instance_path: str) -> CounterStore:
     )
 
 
+def _sql(config: Mapping[str, Any], instance_path: str) -> CounterStore:
+    from .sql import SqlCounterStore
+
+    return SqlCounterStore(
+        config["SQLALCHEMY_DATABASE_URI"],
+        key_prefix=config["COUNTER_KEY_PREFIX"],
+        timeout=config["COUNTER_TIMEOUT"],
+        pool_size=config["COUNTER_POOL_SIZE"],
+        fsync=config["COUNTER_FSYNC"],
+        sweep_interval=config["COUNTER_SWEEP_INTERVAL"],
+    )
+
+
 #: Flask-Caching backend name -> builder of the counter store that goes with it.
 BACKENDS: dict[str, Callable[[Mapping[str, Any], str], CounterStore]] = {
     "FileSystemCache": _filesystem,
     "SimpleCache": _memory,
     "MemcachedCache": _memcached,
     "RedisCache": _redis,
+    "sql": _sql,  # COUNTER_STORE = "sql"
 }
 
 
 def build_store(config: Mapping[str, Any], instance_path: str) -> CounterStore:
     """The one place that knows which backend is configured.  ``config`` is already checked;
     ``instance_path`` is the app's instance folder."""
-    backend = config["CACHE_TYPE"]
+    backend = config["STORE"]
     try:
         builder = BACKENDS[backend]
     except KeyError:

@@ -1,0 +1,284 @@
+"""The sql store (COUNTER_STORE = "sql"): SQLite and a real PostgreSQL started by a fixture.
+
+The contract, hostile-input, shared-value and gunicorn race suites run on both through the `backend`
+parameters of tests/conftest.py; here are the behaviours of this store alone: overflow never turned
+into a REAL, the schema, expiry and sweeping, WAL, and PostgreSQL hung, stopped and crashed (kill -9)
+under load.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+from tally import Overflow, StoreUnavailable
+from tally.loadcheck import run_load
+from tally.stores.base import INT64_MAX, INT64_MIN
+from tally.stores.sql import SqlCounterStore
+from tests.conftest import settings_env
+from tests.servers import Gunicorn, Postgres
+
+TIMEOUT = 0.5
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
+    store = SqlCounterStore(f"sqlite:///{tmp_path / 'tally.db'}", key_prefix="t:", timeout=TIMEOUT)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def own_postgres():
+    """A PostgreSQL of the test's own, to hang, stop and crash."""
+    server = Postgres().start()
+    yield server
+    server.resume()
+    server.remove()
+
+
+def test_sqlite_never_turns_an_overflow_into_a_real(sqlite_store, tmp_path):
+    """SQLite computes 9223372036854775807 + 1 as 9.223372036854776e18, UPSERT included: the guard
+    in the statement means the sum is never formed, the step is refused and the row stays an integer."""
+    sqlite_store.set("top", INT64_MAX)
+    sqlite_store.set("bottom", INT64_MIN)
+    with pytest.raises(Overflow):
+        sqlite_store.add("top", 1)
+    with pytest.raises(Overflow):
+        sqlite_store.add("bottom", -1)
+    with pytest.raises(Overflow):
+        sqlite_store.add("top", INT64_MAX)
+    engine = create_engine(f"sqlite:///{tmp_path / 'tally.db'}")
+    with engine.connect() as connection:
+        rows = dict(connection.execute(text("SELECT name, typeof(value) FROM tally_counters")).all())
+        values = dict(connection.execute(text("SELECT name, value FROM tally_counters")).all())
+    assert rows == {"t:top": "integer", "t:bottom": "integer"}
+    assert values == {"t:top": INT64_MAX, "t:bottom": INT64_MIN}
+    assert sqlite_store.add("top", -INT64_MAX) == 0
+
+
+def test_sqlite_runs_in_wal_mode_with_the_counter_timeout_as_busy_timeout(sqlite_store):
+    sqlite_store.add("x", 1)
+    with sqlite_store._connection() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == int(TIMEOUT * 1000)
+
+
+def test_an_in_memory_or_unknown_database_is_refused_at_start(make_app, store_settings):
+    from tally import ConfigError
+
+    for url in ("sqlite://", "sqlite:///:memory:", "mysql://db/x", "not a url"):
+        with pytest.raises(ConfigError, match="SQLALCHEMY_DATABASE_URI"):
+            make_app(store_settings("sqlite"), SQLALCHEMY_DATABASE_URI=url)
+
+
+def test_a_relative_sqlite_path_lands_in_the_instance_folder(make_app, store_settings, tmp_path):
+    app = make_app({**store_settings("sqlite"), "SQLALCHEMY_DATABASE_URI": "sqlite:///data/counts.db"})
+    assert app.test_client().post("/api/counters/x/incr").get_json()["value"] == 1
+    assert (tmp_path / "instance" / "data" / "counts.db").is_file()
+
+
+def test_the_default_database_needs_no_server(make_app, store_settings, tmp_path):
+    settings = {**store_settings("sqlite")}
+    del settings["SQLALCHEMY_DATABASE_URI"]
+    app = make_app(settings)
+    assert app.test_client().post("/api/counters/x/incr").get_json()["value"] == 1
+    assert (tmp_path / "instance" / "tally.db").is_file()
+
+
+def test_the_schema_is_importable_and_init_db_creates_it(make_app, store_settings, postgres_server):
+    import tally.sql
+
+    assert set(tally.sql.metadata.tables) == {"tally_counters", "tally_values"}
+    app = make_app(store_settings("sqlite"))
+    result = app.test_cli_runner().invoke(args=["counters", "init-db"])
+    assert result.exit_code == 0, result.output
+    store = app.extensions["tally"]
+    with store._connection() as connection:
+        assert {"tally_counters", "tally_values"} <= set(inspect(connection).get_table_names())
+    fs_app = make_app(store_settings("filesystem"))
+    assert fs_app.test_cli_runner().invoke(args=["counters", "init-db"]).exit_code != 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_expired_per_client_rows_read_as_zero_and_are_swept(make_app, store_settings, backend):
+    app = make_app({**store_settings(backend), "COUNTER_SWEEP_INTERVAL": 0.01})
+    store = app.extensions["tally"]
+    key = "@" + "0" * 32 + ".c"
+    assert store.add(key, 5, ttl=1) == 5
+    time.sleep(2.2)  # expiry has whole-second resolution
+    assert store.get(key) == 0
+    assert store.add(key, 1, ttl=1) == 1  # an expired row starts again from the step
+    other = "@" + "1" * 32 + ".c"
+    store.add(other, 1, ttl=1)
+    time.sleep(2.2)
+    store.add("@" + "2" * 32 + ".c", 1, ttl=60)  # a write with a lifetime runs the sweep
+    with store._connection() as connection:
+        names = set(connection.exec_driver_sql("SELECT name FROM tally_counters").scalars())
+    assert store.key_prefix + other not in names and store.key_prefix + key not in names
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_shared_value_update_runs_its_function_once(make_app, store_settings, backend):
+    """No optimistic retries: the row is held for the whole update."""
+    app = make_app(store_settings(backend))
+    store = app.extensions["tally"]
+    calls = []
+
+    def change(data):
+        calls.append(data)
+        time.sleep(0.05)
+        return b"x" if data is None else data + b"x"
+
+    threads = [threading.Thread(target=store.update_value, args=("v", change)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 8 and store.get_value("v") == b"x" * 8
+
+
+def _status(url: str, method: str = "GET") -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def _value(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())["value"]
+
+
+def _wait_for_200(url: str, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while _status(url) != 200:
+        assert time.monotonic() < deadline, f"{url}: no 200 within {within} s"
+        time.sleep(0.2)
+
+
+def _serve(server: Postgres, tmp_path) -> Gunicorn:
+    env = settings_env(
+        {
+            "CACHE_TYPE": "FileSystemCache",
+            "CACHE_DIR": str(tmp_path / "cache"),
+            "COUNTER_STORE": "sql",
+            "SQLALCHEMY_DATABASE_URI": server.url,
+            "COUNTER_TIMEOUT": TIMEOUT,
+        }
+    )
+    return Gunicorn(env, workers=4, threads=8).start()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["hang", "stop"])
+def test_postgresql_away_under_load_answers_503_in_time_and_service_returns(own_postgres, tmp_path, kind):
+    """Load for six seconds; PostgreSQL hangs (SIGSTOP: it answers nothing, not even its own
+    timeouts) or stops for two.  Only 200s and 503s, none much slower than the timeout, no number
+    twice, and service returns by itself."""
+    app = _serve(own_postgres, tmp_path)
+    try:
+        url = f"{app.url}/api/counters/outage/incr"
+        healthy = run_load(url, clients=16, requests=10)
+        slack = max(1.0, 10 * healthy.percentile(0.99))
+        result = {}
+        driver = threading.Thread(
+            target=lambda: result.update(report=run_load(url, clients=16, requests=100_000, deadline=6.0))
+        )
+        driver.start()
+        time.sleep(1.0)
+        (own_postgres.pause if kind == "hang" else own_postgres.stop)()
+        time.sleep(2.0)
+        (own_postgres.resume if kind == "hang" else own_postgres.start)()
+        driver.join(timeout=60)
+        report = result["report"]
+        assert report.errors == {}, report.errors
+        assert set(report.statuses) == {200, 503}, report.statuses
+        assert max(report.latencies) < 2 * TIMEOUT + slack, (max(report.latencies), slack)
+        _wait_for_200(f"{app.url}/api/counters/outage")
+        final = _value(f"{app.url}/api/counters/outage")
+        values = healthy.values + report.values
+        assert len(values) == len(set(values))  # the database kept every step: no number twice
+        assert max(values) <= final <= healthy.sent + report.sent
+    finally:
+        app.stop()
+
+
+@pytest.mark.slow
+def test_a_postgresql_crash_loses_no_acknowledged_step(own_postgres, tmp_path):
+    """kill -9 of the postmaster and every backend in the middle of the load, then a restart (crash
+    recovery from the WAL): the counter is at least the number of 200s, and no value was handed out
+    twice, before or after the crash."""
+    app = _serve(own_postgres, tmp_path)
+    try:
+        url = f"{app.url}/api/counters/crash/incr"
+        result = {}
+        driver = threading.Thread(
+            target=lambda: result.update(report=run_load(url, clients=16, requests=100_000, deadline=6.0))
+        )
+        driver.start()
+        time.sleep(1.5)
+        own_postgres.crash()
+        time.sleep(1.0)
+        own_postgres.start()
+        driver.join(timeout=60)
+        report = result["report"]
+        assert report.errors == {}, report.errors
+        assert set(report.statuses) <= {200, 503} and report.statuses[503] > 0, report.statuses
+        _wait_for_200(f"{app.url}/api/counters/crash")
+        final = _value(f"{app.url}/api/counters/crash")
+        assert report.duplicates == 0
+        assert final >= report.ok  # every acknowledged step survived the crash
+        assert max(report.values) <= final
+        after = run_load(url, clients=8, requests=10)  # and it counts on from there
+        assert after.ok == 80 and sorted(after.values) == list(range(final + 1, final + 81))
+    finally:
+        app.stop()
+
+
+def test_an_unreachable_postgresql_is_a_quick_store_unavailable(own_postgres):
+    store = SqlCounterStore(own_postgres.url, key_prefix="q:", timeout=TIMEOUT)
+    try:
+        assert store.add("x", 1) == 1
+        own_postgres.pause()
+        for _ in range(3):  # an open connection, then new ones (whose connect is bounded too)
+            began = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                store.add("x", 1)
+            assert time.monotonic() - began < TIMEOUT + 1.5  # the deadline, not libpq's 2 s minimum
+        own_postgres.resume()
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                assert store.add("x", 1) >= 2
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        own_postgres.resume()
+        store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_naive_select_then_update_hands_out_numbers_twice(serve, tmp_path, request, database):
+    """The check catches the race on a database too: SELECT, add one, UPDATE under gunicorn 4x8."""
+    url = (
+        f"sqlite:///{tmp_path / 'naive.db'}"
+        if database == "sqlite"
+        else request.getfixturevalue("postgres_server").url
+    )
+    server = serve(
+        {"NAIVE_DATABASE_URL": url}, workers=4, threads=8, app="naive_app:app", use_project_config=False
+    )
+    name = f"race{time.monotonic_ns()}"
+    report = run_load(f"{server.url}/naive-sql/{name}/incr", clients=50, requests=20, keepalive=False)
+    assert report.duplicates > 0
