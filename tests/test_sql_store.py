@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, inspect, text
 from tally import Overflow, StoreUnavailable
 from tally.loadcheck import run_load
 from tally.stores.base import INT64_MAX, INT64_MIN
-from tally.stores.sql import SqlCounterStore
+from tally.stores.sql import BUSY_SLICE_MS, SqlCounterStore
 from tests.conftest import settings_env
 from tests.servers import Gunicorn, Postgres
 
@@ -63,11 +63,30 @@ def test_sqlite_never_turns_an_overflow_into_a_real(sqlite_store, tmp_path):
     assert sqlite_store.add("top", -INT64_MAX) == 0
 
 
-def test_sqlite_runs_in_wal_mode_with_the_counter_timeout_as_busy_timeout(sqlite_store):
+def test_sqlite_runs_in_wal_mode_and_waits_for_its_lock_in_short_slices(sqlite_store):
     sqlite_store.add("x", 1)
     with sqlite_store._connection() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == int(TIMEOUT * 1000)
+        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == BUSY_SLICE_MS
+
+
+def test_a_sqlite_write_waits_for_a_lock_held_elsewhere_up_to_the_timeout(sqlite_store, tmp_path):
+    """Another process's transaction holds the write lock: a step waits for it (it succeeds when the
+    lock goes within the timeout), and answers 503 within about the timeout when it does not."""
+    import sqlite3
+
+    sqlite_store.add("x", 1)
+    other = sqlite3.connect(tmp_path / "tally.db", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    threading.Timer(TIMEOUT / 3, lambda: other.execute("COMMIT")).start()
+    assert sqlite_store.add("x", 1) == 2  # waited for the lock
+    other.execute("BEGIN IMMEDIATE")
+    began = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        sqlite_store.add("x", 1)
+    assert TIMEOUT <= time.monotonic() - began < TIMEOUT + 1.0
+    other.execute("ROLLBACK")
+    assert sqlite_store.add("x", 1) == 3
 
 
 def test_an_in_memory_or_unknown_database_is_refused_at_start(make_app, store_settings):
@@ -247,12 +266,19 @@ def test_an_unreachable_postgresql_is_a_quick_store_unavailable(own_postgres):
     store = SqlCounterStore(own_postgres.url, key_prefix="q:", timeout=TIMEOUT)
     try:
         assert store.add("x", 1) == 1
+        store.update_value("v", lambda data: b"1")
         own_postgres.pause()
         for _ in range(3):  # an open connection, then new ones (whose connect is bounded too)
             began = time.monotonic()
             with pytest.raises(StoreUnavailable):
                 store.add("x", 1)
             assert time.monotonic() - began < TIMEOUT + 1.5  # the deadline, not libpq's 2 s minimum
+        store.close()  # idle connections gone: the next update opens its connection during the hang
+        for _ in range(2):
+            began = time.monotonic()
+            with pytest.raises(StoreUnavailable):  # a transaction cut off mid-way: 503, never a 500
+                store.update_value("v", lambda data: data + b"1")
+            assert time.monotonic() - began < TIMEOUT + 1.5
         own_postgres.resume()
         deadline = time.monotonic() + 15
         while True:
@@ -282,3 +308,25 @@ def test_a_naive_select_then_update_hands_out_numbers_twice(serve, tmp_path, req
     name = f"race{time.monotonic_ns()}"
     report = run_load(f"{server.url}/naive-sql/{name}/incr", clients=50, requests=20, keepalive=False)
     assert report.duplicates > 0
+
+
+def test_a_shared_value_locked_elsewhere_is_a_503_in_time_and_unchanged(own_postgres):
+    """Another session holds the row (SELECT ... FOR UPDATE, never committing): the update waits for
+    at most the timeout (lock_timeout on the server, the socket deadline on the client), answers
+    StoreUnavailable, and writes nothing; once the row is free it goes through."""
+    import psycopg
+
+    store = SqlCounterStore(own_postgres.url, key_prefix="held:", timeout=TIMEOUT)
+    try:
+        store.update_value("v", lambda data: b"first")
+        with psycopg.connect(own_postgres.conninfo) as holder:
+            holder.execute("SELECT data FROM tally_values WHERE key = 'held:v' FOR UPDATE")
+            began = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                store.update_value("v", lambda data: data + b"+second")
+            assert time.monotonic() - began < TIMEOUT + 1.5
+            holder.rollback()
+        assert store.get_value("v") == b"first"
+        assert store.update_value("v", lambda data: data + b"+third") == b"first+third"
+    finally:
+        store.close()

@@ -17,7 +17,8 @@ IMMEDIATE`` on SQLite (the database's write lock), ``SELECT ... FOR UPDATE`` on 
 lock, after an ``INSERT ... ON CONFLICT DO NOTHING`` so that a new key has a row to lock): no lost
 update and no retries.
 
-Time bounds.  SQLite waits at most ``timeout`` for a lock (``busy_timeout``).  On PostgreSQL the
+Time bounds.  SQLite waits at most ``timeout`` for a lock (a short ``busy_timeout``, tried again every
+few milliseconds until ``timeout``: SQLite's own handler is unfair between processes).  On PostgreSQL the
 server is told ``statement_timeout`` and ``lock_timeout`` = ``timeout``, but a server that is hung
 (SIGSTOP, a dead host behind a live TCP stack) answers nothing, not even a timeout; so every call also
 has a client-side deadline: when a call is still running ``timeout`` seconds after it started, its
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import random
 import socket
 import sqlite3
 import threading
@@ -66,7 +68,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 
 from ..config import ConfigError
 from ..errors import Overflow, StoreUnavailable
-from .base import INT64_MAX, INT64_MIN, CounterStore, counter_name
+from .base import INT64_MAX, INT64_MIN, CounterStore, KeyLocks, counter_name
 
 #: The schema, for ``metadata.create_all`` or an app's own migrations (Alembic: include ``metadata``).
 metadata = MetaData()
@@ -89,6 +91,9 @@ values_table = Table(
 )
 
 SQLITE_MIN_VERSION = (3, 35, 0)  # RETURNING
+SQLITE_BUSY, SQLITE_LOCKED = 5, 6
+#: SQLite's own wait for a lock before Tally tries again (see ``_execute``).
+BUSY_SLICE_MS = 10
 #: The statements that only read (every other one takes SQLite's write lock).
 READS = frozenset({"read", "names", "get_value"})
 #: The longest key prefix: a name column holds 255 characters, and a key is at most 100.
@@ -232,10 +237,10 @@ def _shut_down(fd: int) -> None:
 class SqlCounterStore(CounterStore):
     """Atomic in the database: one ``INSERT ... ON CONFLICT ... RETURNING`` per step.
 
-    SQLite: the processes of one host (WAL, busy timeout = ``timeout``); PostgreSQL: every host.  Every
-    call returns or fails within ``timeout`` seconds (plus the time to shut a socket down); an
-    unreachable or hung database raises ``StoreUnavailable``, never a guessed value, and the next call
-    reconnects.  Counters never expire; per-client rows expire at ``expires_at`` and are swept at
+    SQLite: the processes of one host (WAL, a lock waited for up to ``timeout``); PostgreSQL: every
+    host.  Every call returns or fails within ``timeout`` seconds (plus the time to shut a socket
+    down); an unreachable or hung database raises ``StoreUnavailable``, never a guessed value, and the
+    next call reconnects.  Counters never expire; per-client rows expire at ``expires_at`` and are swept at
     most every ``sweep_interval`` seconds.
     """
 
@@ -270,6 +275,7 @@ class SqlCounterStore(CounterStore):
         else:
             self._engine = self._postgresql_engine(parsed, pool_size)
         self._writer = threading.Lock()
+        self._update_locks = KeyLocks()
         self._pid = os.getpid()
 
     # -- engines -------------------------------------------------------------------------------------
@@ -280,7 +286,7 @@ class SqlCounterStore(CounterStore):
                 f"SQLite {sqlite3.sqlite_version} has no RETURNING; Tally needs SQLite 3.35 or later"
                 " (a newer Python, or pysqlite3)"
             )
-        busy_ms = max(1, int(self.timeout * 1000))
+        timeout_ms = max(1, int(self.timeout * 1000))
         engine = create_engine(
             url,
             isolation_level="AUTOCOMMIT",  # each statement commits; update_value says BEGIN IMMEDIATE
@@ -292,9 +298,9 @@ class SqlCounterStore(CounterStore):
 
         @event.listens_for(engine, "connect")
         def configure(dbapi_connection: Any, record: Any) -> None:
+            dbapi_connection.execute(f"PRAGMA busy_timeout={timeout_ms}")  # WAL may wait for a lock
             dbapi_connection.execute("PRAGMA journal_mode=WAL")
-            dbapi_connection.execute(f"PRAGMA busy_timeout={busy_ms}")
-            record.info["busy_timeout_ms"] = busy_ms
+            dbapi_connection.execute(f"PRAGMA busy_timeout={BUSY_SLICE_MS}")  # then Tally retries
             dbapi_connection.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
 
         return engine
@@ -352,16 +358,14 @@ class SqlCounterStore(CounterStore):
     # -- one call: a connection, a deadline, errors mapped --------------------------------------------
 
     @contextmanager
-    def _sqlite_writer(self) -> Iterator[float]:
+    def _sqlite_writer(self) -> Iterator[None]:
         """SQLite lets one connection write at a time, and its busy handler is not fair: under 32
         threads a waiter can sleep past its timeout while others keep winning.  The threads of one
-        process therefore take turns here, so that SQLite arbitrates only between processes; yields
-        the seconds left of this call's ``timeout``."""
-        began = time.monotonic()
+        process therefore take turns here, so that SQLite arbitrates only between processes."""
         if not self._writer.acquire(timeout=self.timeout):
             raise StoreUnavailable(f"SQLite {self.url}: no turn to write within {self.timeout} s")
         try:
-            yield self.timeout - (time.monotonic() - began)
+            yield
         finally:
             self._writer.release()
 
@@ -373,9 +377,7 @@ class SqlCounterStore(CounterStore):
             self._writer = threading.Lock()
             self._pid = os.getpid()
         if write and self.dialect == "sqlite":
-            with self._sqlite_writer() as left, self._connection_with_deadline() as connection:
-                # The database lock may be waited for only as long as this call has left.
-                _busy_timeout(connection, left if left < self.timeout * 0.9 else self.timeout)
+            with self._sqlite_writer(), self._connection_with_deadline() as connection:
                 yield connection
             return
         with self._connection_with_deadline() as connection:
@@ -407,11 +409,32 @@ class SqlCounterStore(CounterStore):
                 f"all connections of this process to {self.url} stayed busy for {self.timeout} s;"
                 " raise COUNTER_POOL_SIZE to at least the gunicorn threads"
             ) from error
+        except exc.SQLAlchemyError as error:  # a connection SQLAlchemy will not use again, and the like
+            raise StoreUnavailable(f"{self.dialect} database {self.url}: {error}") from error
 
     def _run(self, statement: str, /, **params: Any) -> Any:
         self._ensure_schema()
+        began = time.monotonic()
         with self._connection(write=statement not in READS) as connection:
-            return connection.execute(self._statements[statement], {"now": int(time.time()), **params})
+            return self._execute(
+                connection, began, self._statements[statement], {"now": int(time.time()), **params}
+            )
+
+    def _execute(self, connection: Connection, began: float, statement: Any, params: Any = None) -> Any:
+        """Run ``statement``; on SQLite, a statement refused for a busy database (it changed nothing)
+        is tried again every few milliseconds until ``timeout`` after ``began``: SQLite's own busy
+        handler sleeps up to 100 ms at a time, so waiters from several processes would miss their turn
+        and time out under a load the database can carry."""
+        while True:
+            try:
+                if isinstance(statement, str):
+                    return connection.exec_driver_sql(statement)
+                return connection.execute(statement, params)
+            except exc.OperationalError as error:
+                busy = getattr(error.orig, "sqlite_errorcode", None) in (SQLITE_BUSY, SQLITE_LOCKED)
+                if not busy or time.monotonic() - began > self.timeout:
+                    raise
+                time.sleep(random.uniform(0, 0.002))
 
     def _ensure_schema(self) -> None:
         """The tables, created on first use (or ahead with ``flask counters init-db``)."""
@@ -507,8 +530,16 @@ class SqlCounterStore(CounterStore):
         called once, and no concurrent update is lost."""
         self._ensure_schema()
         begin = "BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN"
+        # Threads of one process take turns on a key before they queue on its row lock.
+        with self._update_locks(key):
+            return self._update_value(key, change, ttl, begin)
+
+    def _update_value(
+        self, key: str, change: Callable[[bytes | None], bytes], ttl: int | None, begin: str
+    ) -> bytes:
+        began = time.monotonic()
         with self._connection(write=True) as connection:
-            connection.exec_driver_sql(begin)
+            self._execute(connection, began, begin)
             try:
                 params = {"key": self.key_prefix + key, "now": int(time.time())}
                 connection.execute(self._statements["hold_value"], params)
@@ -521,7 +552,9 @@ class SqlCounterStore(CounterStore):
                 )
                 connection.exec_driver_sql("COMMIT")
             except BaseException:
-                with suppress(exc.DBAPIError):  # a broken connection has no transaction left
+                # A connection broken mid-transaction (its deadline passed) has nothing to roll back,
+                # and SQLAlchemy refuses to use it again: either way the first error is the one to raise.
+                with suppress(exc.SQLAlchemyError):
                     connection.exec_driver_sql("ROLLBACK")
                 raise
         return new
@@ -540,15 +573,6 @@ class SqlCounterStore(CounterStore):
 
     def close(self) -> None:
         self._engine.dispose()
-
-
-def _busy_timeout(connection: Connection, seconds: float) -> None:
-    """Set SQLite's busy timeout of this pooled connection, unless it is set so already."""
-    wanted = max(1, int(seconds * 1000))
-    info = connection.connection.info
-    if info.get("busy_timeout_ms") != wanted:
-        connection.exec_driver_sql(f"PRAGMA busy_timeout={wanted}")
-        info["busy_timeout_ms"] = wanted
 
 
 def _first_line(error: exc.DBAPIError) -> str:
