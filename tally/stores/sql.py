@@ -60,6 +60,7 @@ from sqlalchemy import (
     delete,
     event,
     exc,
+    null,
     or_,
     select,
     update,
@@ -157,7 +158,7 @@ def _statements(dialect: str, prefix: str) -> dict[str, Any]:
         "put_value": put_value,
         "delete_value": delete(values_table).where(v.key == bindparam("key")).returning(v.data, v.expires_at),
         "hold_value": insert(values_table)
-        .values(key=bindparam("key"), data=None, expires_at=None)
+        .values(key=bindparam("key"), data=null(), expires_at=null())
         .on_conflict_do_nothing(index_elements=[v.key]),
         "lock_value": select(v.data, v.expires_at).where(v.key == bindparam("key")).with_for_update(),
         "sweep_values": delete(values_table).where(
@@ -270,10 +271,12 @@ class SqlCounterStore(CounterStore):
         self._schema_lock = threading.Lock()
         self._statements = _statements(self.dialect, key_prefix)
         self._deadlines = SocketDeadlines() if self.dialect == "postgresql" else None
+        self._compiled: dict[str, tuple[str, tuple[str, ...] | None, dict[str, Any]]] = {}
         if self.dialect == "sqlite":
             self._engine = self._sqlite_engine(parsed, pool_size, fsync)
         else:
             self._engine = self._postgresql_engine(parsed, pool_size)
+        self._driver_error = self._engine.dialect.loaded_dbapi.Error
         self._writer = threading.Lock()
         self._update_locks = KeyLocks()
         self._pid = os.getpid()
@@ -412,26 +415,93 @@ class SqlCounterStore(CounterStore):
         except exc.SQLAlchemyError as error:  # a connection SQLAlchemy will not use again, and the like
             raise StoreUnavailable(f"{self.dialect} database {self.url}: {error}") from error
 
-    def _run(self, statement: str, /, **params: Any) -> Any:
-        self._ensure_schema()
-        began = time.monotonic()
-        with self._connection(write=statement not in READS) as connection:
-            return self._execute(
-                connection, began, self._statements[statement], {"now": int(time.time()), **params}
-            )
+    @contextmanager
+    def _cursor(self, write: bool) -> Iterator[Any]:
+        """A driver cursor on a pooled connection, for one call: the fast path of every operation
+        (SQLAlchemy compiled the statements once; running them through the driver saves most of a
+        step's time).  On SQLite a writer takes its process's turn first; on PostgreSQL the call gets
+        its socket deadline.  Driver errors become ``Overflow`` (SQLSTATE 22003) or
+        ``StoreUnavailable``, and the connection is discarded."""
+        if self._pid != os.getpid():
+            self._engine.dispose(close=False)  # forked: the parent's connections stay the parent's
+            self._writer = threading.Lock()
+            self._pid = os.getpid()
+        writer = self._writer if write and self.dialect == "sqlite" else None
+        if writer is not None and not writer.acquire(timeout=self.timeout):
+            raise StoreUnavailable(f"SQLite {self.url}: no turn to write within {self.timeout} s")
+        try:
+            try:
+                raw = self._engine.raw_connection()
+            except exc.TimeoutError as error:
+                raise StoreUnavailable(
+                    f"all connections of this process to {self.url} stayed busy for {self.timeout} s;"
+                    " raise COUNTER_POOL_SIZE to at least the gunicorn threads"
+                ) from error
+            except exc.DBAPIError as error:
+                raise StoreUnavailable(f"{self.dialect} database {self.url}: {_first_line(error)}") from error
+            except self._driver_error as error:  # raw_connection() passes the driver's own errors on
+                raise StoreUnavailable(f"{self.dialect} database {self.url}: {error}") from error
+            token = None
+            if self._deadlines is not None:
+                token = self._deadlines.watch(raw.dbapi_connection.fileno(), self.timeout)
+            try:
+                yield raw.cursor()
+            except self._driver_error as error:
+                if getattr(error, "sqlstate", None) == "22003":
+                    raise Overflow(f"the result leaves the database's integer range: {error}") from None
+                raw.invalidate()  # broken, shut down at its deadline, or in an unknown state
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise StoreUnavailable(f"{self.dialect} database {self.url}: {first}") from error
+            finally:
+                if token is not None:
+                    self._deadlines.done(token)
+                raw.close()  # back to the pool (an invalidated one is closed)
+        finally:
+            if writer is not None:
+                writer.release()
 
-    def _execute(self, connection: Connection, began: float, statement: Any, params: Any = None) -> Any:
-        """Run ``statement``; on SQLite, a statement refused for a busy database (it changed nothing)
-        is tried again every few milliseconds until ``timeout`` after ``began``: SQLite's own busy
-        handler sleeps up to 100 ms at a time, so waiters from several processes would miss their turn
-        and time out under a load the database can carry."""
+    def _sql(self, statement: str) -> tuple[str, tuple[str, ...] | None, dict[str, Any]]:
+        """The driver's SQL text of a statement, for positional parameters their names in order, and
+        the values of the parameters the statement fixes itself (a ``LIKE`` prefix, a NULL)."""
+        found = self._compiled.get(statement)
+        if found is None:
+            compiled = self._statements[statement].compile(dialect=self._engine.dialect)
+            positional = self._engine.dialect.positional
+            fixed = {name: bind.value for name, bind in compiled.binds.items() if not bind.required}
+            found = (compiled.string, tuple(compiled.positiontup or ()) if positional else None, fixed)
+            self._compiled[statement] = found
+        return found
+
+    def _run(self, statement: str, /, **params: Any) -> list[Any]:
+        """Run one of the store's statements (one autocommitted step) and return its rows."""
+        self._ensure_schema()
+        params["now"] = int(time.time())
+        began = time.monotonic()
+        with self._cursor(write=statement not in READS) as cursor:
+            self._execute(cursor, began, statement, params)
+            return cursor.fetchall() if cursor.description else []
+
+    def _execute(
+        self, cursor: Any, began: float, statement: str, params: dict[str, Any] | None = None
+    ) -> None:
+        """Run ``statement`` (a name, or SQL text without parameters); on SQLite, a statement refused
+        for a busy database (it changed nothing) is tried again every few milliseconds until
+        ``timeout`` after ``began``: SQLite's own busy handler sleeps up to 100 ms at a time, so
+        waiters from several processes would miss their turn and time out under a load the database
+        can carry."""
+        if params is None:
+            sql, args = statement, ()
+        else:
+            sql, order, fixed = self._sql(statement)
+            if fixed:
+                params = {**fixed, **params}
+            args = params if order is None else tuple(params.get(name) for name in order)
         while True:
             try:
-                if isinstance(statement, str):
-                    return connection.exec_driver_sql(statement)
-                return connection.execute(statement, params)
-            except exc.OperationalError as error:
-                busy = getattr(error.orig, "sqlite_errorcode", None) in (SQLITE_BUSY, SQLITE_LOCKED)
+                cursor.execute(sql, args)
+                return
+            except sqlite3.OperationalError as error:
+                busy = getattr(error, "sqlite_errorcode", None) in (SQLITE_BUSY, SQLITE_LOCKED)
                 if not busy or time.monotonic() - began > self.timeout:
                     raise
                 time.sleep(random.uniform(0, 0.002))
@@ -465,39 +535,37 @@ class SqlCounterStore(CounterStore):
     def add(self, key: str, delta: int, ttl: int | None = None) -> int:
         lowest = INT64_MIN - delta if delta < 0 else INT64_MIN
         highest = INT64_MAX - delta if delta > 0 else INT64_MAX
-        row = self._run(
+        rows = self._run(
             "step",
             name=self.key_prefix + key,
             delta=delta,
             expires_at=self._expires_at(ttl),
             lowest=lowest,
             highest=highest,
-        ).first()
+        )
         if ttl:
             self._maybe_sweep()
-        if row is None:
+        if not rows:
             raise Overflow(f"adding {delta} would leave the int64 range; the counter is unchanged")
-        return int(row[0])
+        return int(rows[0][0])
 
     def get(self, key: str, ttl: int | None = None) -> int:
         if ttl:
-            row = self._run(
-                "renew", counter=self.key_prefix + key, new_expires_at=self._expires_at(ttl)
-            ).first()
+            rows = self._run("renew", counter=self.key_prefix + key, new_expires_at=self._expires_at(ttl))
         else:
-            row = self._run("read", name=self.key_prefix + key).first()
-        return 0 if row is None else int(row[0])
+            rows = self._run("read", name=self.key_prefix + key)
+        return int(rows[0][0]) if rows else 0
 
     def set(self, key: str, value: int, ttl: int | None = None) -> None:
         self.check_range(value)
         self._run("replace", name=self.key_prefix + key, value=value, expires_at=self._expires_at(ttl))
 
     def delete(self, key: str) -> bool:
-        row = self._run("delete", name=self.key_prefix + key).first()
-        return row is not None and (row[0] is None or row[0] > time.time())
+        rows = self._run("delete", name=self.key_prefix + key)
+        return bool(rows) and (rows[0][0] is None or rows[0][0] > time.time())
 
     def names(self, limit: int) -> list[str]:
-        rows = self._run("names", limit=limit).all()
+        rows = self._run("names", limit=limit)
         size = len(self.key_prefix)
         return [name[size:] for (name,) in rows if counter_name(name[size:])]
 
@@ -513,15 +581,15 @@ class SqlCounterStore(CounterStore):
     # -- shared values -------------------------------------------------------------------------------
 
     def get_value(self, key: str) -> bytes | None:
-        row = self._run("get_value", key=self.key_prefix + key).first()
-        return None if row is None else bytes(row[0])
+        rows = self._run("get_value", key=self.key_prefix + key)
+        return bytes(rows[0][0]) if rows else None
 
     def set_value(self, key: str, data: bytes, ttl: int | None = None) -> None:
         self._run("put_value", key=self.key_prefix + key, data=data, expires_at=self._expires_at(ttl))
 
     def delete_value(self, key: str) -> bool:
-        row = self._run("delete_value", key=self.key_prefix + key).first()
-        return row is not None and row[0] is not None and (row[1] is None or row[1] > time.time())
+        rows = self._run("delete_value", key=self.key_prefix + key)
+        return bool(rows) and rows[0][0] is not None and (rows[0][1] is None or rows[0][1] > time.time())
 
     def update_value(
         self, key: str, change: Callable[[bytes | None], bytes], ttl: int | None = None
@@ -538,24 +606,23 @@ class SqlCounterStore(CounterStore):
         self, key: str, change: Callable[[bytes | None], bytes], ttl: int | None, begin: str
     ) -> bytes:
         began = time.monotonic()
-        with self._connection(write=True) as connection:
-            self._execute(connection, began, begin)
+        params = {"key": self.key_prefix + key, "now": int(time.time())}
+        with self._cursor(write=True) as cursor:
+            self._execute(cursor, began, begin)
             try:
-                params = {"key": self.key_prefix + key, "now": int(time.time())}
-                connection.execute(self._statements["hold_value"], params)
-                data, expires_at = connection.execute(self._statements["lock_value"], params).one()
+                self._execute(cursor, began, "hold_value", params)
+                self._execute(cursor, began, "lock_value", params)
+                data, expires_at = cursor.fetchone()
                 live = data is not None and (expires_at is None or expires_at > params["now"])
                 new = change(bytes(data) if live else None)
-                connection.execute(
-                    self._statements["put_value"],
-                    {**params, "data": new, "expires_at": self._expires_at(ttl)},
-                )
-                connection.exec_driver_sql("COMMIT")
+                stored = {**params, "data": new, "expires_at": self._expires_at(ttl)}
+                self._execute(cursor, began, "put_value", stored)
+                self._execute(cursor, began, "COMMIT")
             except BaseException:
-                # A connection broken mid-transaction (its deadline passed) has nothing to roll back,
-                # and SQLAlchemy refuses to use it again: either way the first error is the one to raise.
-                with suppress(exc.SQLAlchemyError):
-                    connection.exec_driver_sql("ROLLBACK")
+                # A connection broken mid-transaction (its deadline passed) has nothing to roll back:
+                # either way the first error is the one to raise.
+                with suppress(self._driver_error):
+                    cursor.execute("ROLLBACK")
                 raise
         return new
 
