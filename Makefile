@@ -56,11 +56,13 @@ stress: $(VENV)/.test servers
 	TALLY_STRESS_ROUNDS=$${TALLY_STRESS_ROUNDS:-30} $(PY) -m pytest -p no:randomly -x tests/test_concurrency.py -k keep_alive_clients
 
 bench: $(VENV)/.test servers
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PIP) install -e '.[charts]'
 	@# wrk drives the HTTP part; without it the bench falls back to (noisier) Python clients.
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } || echo "note: wrk not installed; HTTP figures use Python clients"
 	$(PY) bench/bench.py
 
 race-report: $(VENV)/.test servers
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PIP) install -e '.[charts]'
 	$(PY) bench/race_report.py
 
 lint: $(VENV)/.test

@@ -9,7 +9,7 @@ from flask import Flask
 
 import common
 from commands import counters_cli
-from routes import api, clients, errors, health, leaderboard, pages, shared
+from routes import api, clients, errors, health, leaderboard, metrics, pages, shared
 from routes.limits import init_limits
 from sessions import init_sessions
 from settings import ensure_secret_key, load_settings, refuse_weak_secret_key
@@ -35,7 +35,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     init_limits(app)  # off unless RATELIMIT_ENABLED; storage follows the counter store (settings.py)
     init_sessions(app)
     errors.register(app)
-    for blueprint in (pages.bp, api.bp, clients.bp, shared.bp, health.bp, leaderboard.bp):
+    for blueprint in (pages.bp, api.bp, clients.bp, shared.bp, health.bp, leaderboard.bp, metrics.bp):
         app.register_blueprint(blueprint)
     app.cli.add_command(counters_cli)
     return app

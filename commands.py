@@ -33,7 +33,7 @@ def init_db_command() -> None:
     """Create the sql store's tables (COUNTER_STORE = "sql"), if they are missing."""
     store = current_app.extensions["tally"]
     if not hasattr(store, "create_schema"):
-        raise click.ClickException(f"the {store.backend} store has no tables: COUNTER_STORE is not \"sql\"")
+        raise click.ClickException(f'the {store.backend} store has no tables: COUNTER_STORE is not "sql"')
     try:
         store.create_schema()
     except TallyError as error:

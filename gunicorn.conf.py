@@ -2,6 +2,7 @@
 
 import faulthandler
 import os
+import shutil
 import signal
 
 bind = os.environ.get("TALLY_BIND", "127.0.0.1:8000")
@@ -17,13 +18,57 @@ accesslog = os.environ.get("TALLY_ACCESS_LOG") or None
 control_socket_disable = True
 
 
+#: prometheus_client's multiprocess files live in <instance>/metrics/<master pid>/.
+METRICS_DIRECTORY = "metrics"
+
+
+def _metrics_directory() -> str:
+    """An empty directory of this master for the workers' metric files, set as PROMETHEUS_MULTIPROC_DIR.
+
+    One per master (two gunicorns on one instance folder must not wipe or sum each other's files);
+    the directories of masters that no longer run are removed.  A PROMETHEUS_MULTIPROC_DIR set by the
+    operator is used as it is, its files removed.  Must run before the app is imported:
+    prometheus_client picks its multiprocess mode at import.
+    """
+    instance = os.environ.get("TALLY_INSTANCE_PATH") or os.path.join(os.path.dirname(__file__), "instance")
+    base = os.path.join(os.path.abspath(instance), METRICS_DIRECTORY)
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given and os.path.dirname(os.path.abspath(given)) != base:  # not one of ours (a re-exec's)
+        os.makedirs(given, exist_ok=True)
+        for name in os.listdir(given):
+            if name.endswith(".db"):
+                os.unlink(os.path.join(given, name))
+        return given
+    os.makedirs(base, exist_ok=True)
+    for name in os.listdir(base):
+        if name.isdigit() and not _running(int(name)):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+    directory = os.path.join(base, str(os.getpid()))
+    shutil.rmtree(directory, ignore_errors=True)  # a pid reused from an earlier run
+    os.makedirs(directory)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory  # inherited by every worker
+    return directory
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True
+
+
 def on_starting(server):
     """Build the app in the master before any worker starts.
 
     A bad setting stops gunicorn here with one clear line, and the memory store is refused under
     several workers (each would count on its own).  Workers are forked from this master and reuse the
     app (as with --preload); stores open connections and file descriptors lazily, per process.
+    First, the metrics directory: /metrics then sums every worker's figures.
     """
+    _metrics_directory()
     from settings import ConfigError
 
     try:
@@ -37,6 +82,20 @@ def on_starting(server):
             f" set to {server.cfg.workers} workers; use TALLY_WORKERS=1 or a shared store"
             " (FileSystemCache, MemcachedCache, RedisCache)"
         )
+
+
+def child_exit(server, worker):
+    """A worker ended (in the master): its live gauges leave /metrics; its counters stay counted."""
+    from tally import metrics
+
+    metrics.process_exited(worker.pid)
+
+
+def on_exit(server):
+    """The master stops: its metrics directory goes with it (the next start begins from zero)."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if os.path.basename(directory) == str(os.getpid()):
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def post_fork(server, worker):

@@ -42,6 +42,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "CACHE_THRESHOLD": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     "CACHE_KEY_PREFIX": (lambda v: isinstance(v, str), "a string"),
     "TALLY_ADMIN_TOKEN": (lambda v: isinstance(v, str), "a string"),
+    "METRICS_TOKEN": (lambda v: isinstance(v, str), "a string"),
     "SECRET_KEY": (lambda v: v is None or isinstance(v, (str, bytes)), "a string"),
     "PERMANENT_SESSION_LIFETIME": (
         lambda v: _count(v) or isinstance(v, timedelta),

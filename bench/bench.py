@@ -12,13 +12,15 @@
   bare route that is the store's round trip, which every correct shared counter pays.
 
 Servers run on free loopback ports and are stopped by pid.  Every loop is bounded in time and count.
-Prints a Markdown table; figures vary with the machine, ratios much less.
+Prints a Markdown table; figures vary with the machine, ratios much less.  With matplotlib (the
+``charts`` extra) a full run also draws each store's HTTP ratios into docs/bench-http.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import multiprocessing
 import os
 import platform
@@ -38,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 import pylibmc  # noqa: E402
 import redis  # noqa: E402
 from pymemcache.client.base import Client as PymemcacheClient  # noqa: E402
+from sql_bench import sql_rows  # noqa: E402
 
 from tally.loadcheck import run_load  # noqa: E402
 from tally.stores.filesystem import FileCounterStore  # noqa: E402
@@ -45,9 +48,10 @@ from tally.stores.memcached import MemcachedCounterStore  # noqa: E402
 from tally.stores.memcached_client import parse_address  # noqa: E402
 from tally.stores.memory import MemoryCounterStore  # noqa: E402
 from tally.stores.redis_store import RedisCounterStore  # noqa: E402
-from tests.servers import Gunicorn, Memcached, Redis  # noqa: E402
+from tests.servers import Gunicorn, Memcached, Postgres, Redis  # noqa: E402
 
 MAX_OPS = 5_000_000
+CHART = ROOT / "docs" / "bench-http.png"
 
 
 def rate(operation: Callable[[], object], seconds: float) -> float:
@@ -242,11 +246,77 @@ def raw_route_pair(env: dict[str, str], raw_env: dict[str, str], rounds: int, se
         raw.stop()
 
 
+def machine() -> str:
+    """The machine the figures come from: cores, CPU model, Python, and today's date."""
+    model = platform.machine()
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return (
+        f"{os.cpu_count()} cores ({model}), Python {platform.python_version()},"
+        f" {datetime.date.today().isoformat()}"
+    )
+
+
+def write_chart(ratios: list[tuple[str, float, float | None, float]], rounds: int, path: Path) -> None:
+    """Each store's counter route against the bare route and against the raw-client route, as a PNG
+    readable in a narrow column (640 px wide).  ``ratios``: (store, vs bare, vs raw or None, target)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 0.9 * len(ratios) + 1.4), dpi=100)
+    height = 0.36
+    bars = [("bare GET /livez, same server", "#4c72b0"), ("raw client's incr in a bare view", "#dd8452")]
+    for index, (_store, bare, raw, target) in enumerate(ratios):
+        for offset, (value, (_, colour)) in enumerate(zip((bare, raw), bars, strict=True)):
+            y = index + (offset - 0.5) * height
+            if value is None:
+                axes.text(
+                    0.02, y, "no raw-client route for this store", va="center", fontsize=8, color="grey"
+                )
+                continue
+            axes.barh(y, value, height=height, color=colour)
+            axes.text(value + 0.02, y, f"{value:.2f}x", va="center", fontsize=8)
+        axes.plot([target, target], [index - height, index], color="black", linewidth=2)
+    top = max([1.2] + [v * 1.15 for _, bare, raw, _ in ratios for v in (bare, raw) if v is not None])
+    axes.axvline(1.0, color="grey", linestyle="--", linewidth=1)
+    axes.set_xlim(0, top)
+    axes.set_yticks(range(len(ratios)), [store for store, *_ in ratios], fontsize=9)
+    axes.invert_yaxis()
+    axes.set_xlabel("counter route req/s ÷ compared route req/s (1.0: as fast)", fontsize=9)
+    axes.tick_params(axis="x", labelsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour) for _, colour in bars]
+    handles.append(plt.Line2D([0], [0], color="black", linewidth=2))
+    labels = [f"vs {label}" for label, _ in bars] + ["target vs the bare route"]
+    axes.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    axes.set_title(
+        f"POST {COUNTER_ROUTE} under gunicorn 4x8, medians of {rounds} paired runs\n{machine()}",
+        fontsize=9,
+    )
+    axes.grid(axis="x", alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, bbox_inches="tight")  # the legend sits below the axes
+    plt.close(figure)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs (noisier figures)")
-    parser.add_argument("--only", default="filesystem,memory,memcached,redis")
+    parser.add_argument("--only", default="filesystem,memory,memcached,redis,sqlite,postgresql")
+    parser.add_argument(
+        "--chart",
+        type=Path,
+        default=None,
+        help=f"PNG of the HTTP ratios (default {CHART}; none with --quick)",
+    )
     args = parser.parse_args()
+    chart = args.chart or (None if args.quick else CHART)
+    chart_ratios: list[tuple[str, float, float | None, float]] = []
     only = set(args.only.split(","))
     seconds = 0.5 if args.quick else 1.5
     rounds, http_seconds = (2, 1) if args.quick else (10, 1)
@@ -259,6 +329,7 @@ def main() -> int:
     began = time.monotonic()
     memcached = Memcached(threads=1).start() if "memcached" in only else None
     redis_server = Redis(appendfsync="everysec").start() if "redis" in only else None
+    postgres = Postgres().start() if "postgresql" in only else None
     try:
         if "filesystem" in only:
             fs = FileCounterStore(tempfile.mkdtemp(prefix="bench-fs-"))
@@ -334,6 +405,8 @@ def main() -> int:
                 rate(lambda: store.update_value("v", append_one), seconds),
                 "ops/s",
             )
+        if "sqlite" in only or postgres is not None:
+            sql_rows(row, interleaved, rate, seconds, postgres, sqlite="sqlite" in only)
         http_stores = []  # (name, Tally's environment, target, the raw-client app's environment)
         if "filesystem" in only:
             http_stores.append(("filesystem", {"FLASK_CACHE_TYPE": "FileSystemCache"}, ">= 0.85x", None))
@@ -364,6 +437,16 @@ def main() -> int:
                     {"NAIVE_REDIS_URL": redis_server.url},
                 )
             )
+        sql_http = {"FLASK_COUNTER_STORE": "sql", "FLASK_CACHE_TYPE": "FileSystemCache"}
+        if "sqlite" in only:
+            database = f"sqlite:///{tempfile.mkdtemp(prefix='bench-http-sql-')}/tally.db"
+            http_stores.append(
+                ("sqlite", {**sql_http, "FLASK_SQLALCHEMY_DATABASE_URI": database}, ">= 0.85x", None)
+            )
+        if postgres is not None:
+            http_stores.append(
+                ("postgresql", {**sql_http, "FLASK_SQLALCHEMY_DATABASE_URI": postgres.url}, ">= 0.75x", None)
+            )
         for name, env, target, raw_env in http_stores:
             env = {**env, "FLASK_COUNTER_DIR": tempfile.mkdtemp(prefix="bench-http-")}
             result, exact = http_pair(env, rounds, http_seconds)
@@ -387,8 +470,12 @@ def main() -> int:
                 target,
             )
             if raw_env is None:
+                chart_ratios.append((name, result["ratio"], None, float(target.split()[1].rstrip("x"))))
                 continue
             versus_raw = raw_route_pair(env, raw_env, rounds, http_seconds)
+            chart_ratios.append(
+                (name, result["ratio"], versus_raw["ratio"], float(target.split()[1].rstrip("x")))
+            )
             row(f"HTTP raw-client route, {name} (bare view)", versus_raw["second"], "req/s")
             row(
                 f"HTTP POST {COUNTER_ROUTE}, {name}",
@@ -409,6 +496,8 @@ def main() -> int:
             memcached.stop()
         if redis_server is not None:
             redis_server.remove()
+        if postgres is not None:
+            postgres.remove()
 
     print(
         f"\nTally bench: {os.cpu_count()} cores, Python {platform.python_version()}, "
@@ -421,6 +510,12 @@ def main() -> int:
     print("| --- | ---: | --- | ---: | --- |")
     for cells in rows:
         print("| " + " | ".join(cells) + " |")
+    if chart is not None and chart_ratios:
+        try:
+            write_chart(chart_ratios, rounds, chart)
+            print(f"chart: {chart}", file=sys.stderr)
+        except ImportError:
+            print("no chart: matplotlib is not installed (pip install -e '.[charts]')", file=sys.stderr)
     return 0
 
 

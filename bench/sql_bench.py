@@ -61,9 +61,11 @@ def four_processes_on_one_row(url: str, seconds: float, rate) -> float:
     return total
 
 
-def sql_rows(row, interleaved, rate, seconds: float, postgres=None) -> None:
+def sql_rows(row, interleaved, rate, seconds: float, postgres=None, sqlite: bool = True) -> None:
     """Append the sql store's rows through ``row``; ``postgres`` is a running tests.servers.Postgres."""
-    databases = [("SQLite", f"sqlite:///{tempfile.mkdtemp(prefix='bench-sql-')}/tally.db", None)]
+    databases = []
+    if sqlite:
+        databases.append(("SQLite", f"sqlite:///{tempfile.mkdtemp(prefix='bench-sql-')}/tally.db", None))
     if postgres is not None:
         databases.append(("PostgreSQL", postgres.url, postgres.conninfo))
     for name, url, conninfo in databases:

@@ -6,6 +6,7 @@ from flask import Flask, current_app, jsonify
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from tally import CorruptCounter, StoreUnavailable, TallyError
+from tally import metrics as tally_metrics
 
 
 def _json_error(status: int, error: str, detail: str):
@@ -28,7 +29,11 @@ def handle_http_exception(exc: HTTPException):
 
 
 def handle_tally_error(exc: TallyError):
-    if isinstance(exc, (StoreUnavailable, CorruptCounter)):
+    if isinstance(exc, StoreUnavailable):
+        # One line when the store becomes unreachable, one when it is back (per worker), however many
+        # requests fail in between; raised outside a counter step too (a server-side session).
+        tally_metrics.store_unavailable(current_app.extensions["tally"], exc)
+    elif isinstance(exc, CorruptCounter):
         current_app.logger.error("%s: %s", exc.code, exc)
     return _json_error(exc.status, exc.code, str(exc))
 

@@ -7,8 +7,9 @@ from typing import Any
 
 from flask import Flask, current_app
 
+from . import metrics
 from .config import ConfigError, store_settings
-from .errors import InvalidAmount, TallyError
+from .errors import InvalidAmount, StoreUnavailable, TallyError
 from .names import client_key, validate_name
 from .stores import INT64_MAX, CounterStore, build_store
 
@@ -84,7 +85,8 @@ class Counters(_Extension):
     Every method is one atomic step of the store (see ``CounterStore.add``): correct across threads,
     and across processes and hosts on the stores that share state.  Failures raise ``TallyError``
     subclasses (``InvalidName``, ``InvalidAmount``, ``Overflow``, ``StoreUnavailable``,
-    ``CorruptCounter``), never return a guessed value.  Counters never expire.
+    ``CorruptCounter``), never return a guessed value.  Counters never expire.  Each step is counted
+    and timed by ``tally.metrics`` (a no-op without prometheus_client); names are never recorded.
     """
 
     @property
@@ -93,37 +95,53 @@ class Counters(_Extension):
 
     def incr(self, name: str, by: int = 1) -> int:
         """Add ``by`` (1 .. 2**63-1) to counter ``name`` and return the new value."""
-        return self.store.add(validate_name(name), _check_amount(by))
+        store = self.store
+        return metrics.measure(store, "incr", validate_name(name), store.add, _check_amount(by))
 
     def decr(self, name: str, by: int = 1) -> int:
         """Subtract ``by`` from counter ``name`` and return the new value (may go below zero)."""
-        return self.store.add(validate_name(name), -_check_amount(by))
+        store = self.store
+        return metrics.measure(store, "decr", validate_name(name), store.add, -_check_amount(by))
 
     def get(self, name: str) -> int:
         """The current value of ``name``; 0 for a counter never written."""
-        return self.store.get(validate_name(name))
+        store = self.store
+        return metrics.measure(store, "get", validate_name(name), store.get)
 
     def set(self, name: str, value: int) -> int:
         """Replace the value of ``name`` (admin operation) and return it."""
-        self.store.set(validate_name(name), self.store.check_range(_check_value(value)))
+        store = self.store
+        key = validate_name(name)
+        _check_value(value)
+
+        def replace(key: str) -> None:  # the range check is part of the step: an overflow is counted
+            store.set(key, store.check_range(value))
+
+        metrics.measure(store, "set", key, replace)
         return value
 
     def reset(self, name: str) -> bool:
         """Delete ``name`` so that it reads 0 again; return whether it existed."""
-        return self.store.delete(validate_name(name))
+        store = self.store
+        return metrics.measure(store, "reset", validate_name(name), store.delete)
 
     def for_client(self, client_id: str, lifetime: int) -> ClientCounters:
         """The counters of one client (browser session), which expire ``lifetime`` s after last use."""
         return ClientCounters(self, client_id, lifetime)
 
     def health(self) -> dict[str, Any]:
-        """Backend name, reachability and round-trip latency; never raises for an outage."""
+        """Backend name, reachability and round-trip latency; never raises for an outage.  An
+        unreachable store starts an outage in ``tally.metrics`` (logged once), a reachable one may end
+        it."""
         store = self.store
         started = time.perf_counter()
         try:
             details = store.health()
         except TallyError as error:
+            if isinstance(error, StoreUnavailable):
+                metrics.store_unavailable(store, error)
             return {"backend": store.backend, "reachable": False, "detail": str(error)}
+        metrics.store_reachable(store)
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
         return {"backend": store.backend, "reachable": True, "latency_ms": latency_ms, **details}
 
@@ -140,14 +158,20 @@ class ClientCounters:
         return client_key(self._client_id, name)
 
     def incr(self, name: str, by: int = 1) -> int:
-        return self._counters.store.add(self._key(name), _check_amount(by), ttl=self._lifetime)
+        store = self._counters.store
+        key = self._key(name)
+        return metrics.measure(store, "client_incr", key, store.add, _check_amount(by), self._lifetime)
 
     def decr(self, name: str, by: int = 1) -> int:
-        return self._counters.store.add(self._key(name), -_check_amount(by), ttl=self._lifetime)
+        store = self._counters.store
+        key = self._key(name)
+        return metrics.measure(store, "client_decr", key, store.add, -_check_amount(by), self._lifetime)
 
     def get(self, name: str) -> int:
         """The value; reading renews the counter's lifetime, as every request renews the session."""
-        return self._counters.store.get(self._key(name), ttl=self._lifetime)
+        store = self._counters.store
+        return metrics.measure(store, "client_get", self._key(name), store.get, self._lifetime)
 
     def reset(self, name: str) -> bool:
-        return self._counters.store.delete(self._key(name))
+        store = self._counters.store
+        return metrics.measure(store, "client_reset", self._key(name), store.delete)

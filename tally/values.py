@@ -14,6 +14,7 @@ from typing import Any
 
 from flask import current_app
 
+from . import metrics
 from .errors import CorruptValue, InvalidValue, ValueTooLarge
 from .extension import EXTENSION_KEY, _Extension
 from .names import validate_name
@@ -48,7 +49,9 @@ class SharedValues(_Extension):
     Values are stored as JSON, so a value written by one host is readable by every other and nothing
     is ever unpickled from the store.  They never expire unless a ``timeout`` (seconds) is given.
     Errors are ``TallyError``s: ``InvalidName``, ``InvalidValue``, ``ValueTooLarge`` (over
-    ``VALUE_MAX_BYTES``), ``Conflict``, ``StoreUnavailable``, ``CorruptValue``.
+    ``VALUE_MAX_BYTES``), ``Conflict``, ``StoreUnavailable``, ``CorruptValue``.  Each store step is
+    counted and timed by ``tally.metrics`` (operations ``value_get``, ``value_set``, ``value_delete``,
+    ``value_update``); keys are never recorded.
     """
 
     @property
@@ -57,17 +60,20 @@ class SharedValues(_Extension):
 
     def get_value(self, key: str, default: Any = None) -> Any:
         """The current value of ``key``, or ``default`` when it is missing or expired."""
-        data = self.store.get_value(validate_name(key))
+        store = self.store
+        data = metrics.measure(store, "value_get", validate_name(key), store.get_value)
         return default if data is None else _decode(key, data)
 
     def set_value(self, key: str, value: Any, timeout: int | None = None) -> Any:
         """Replace the value of ``key``; readers see the old value or the new one, never a mix."""
-        self.store.set_value(validate_name(key), _encode(value), timeout)
+        store = self.store
+        metrics.measure(store, "value_set", validate_name(key), store.set_value, _encode(value), timeout)
         return value
 
     def delete_value(self, key: str) -> bool:
         """Remove ``key``; return whether it existed."""
-        return self.store.delete_value(validate_name(key))
+        store = self.store
+        return metrics.measure(store, "value_delete", validate_name(key), store.delete_value)
 
     def update(
         self, key: str, fn: Callable[[Any], Any], default: Any = None, timeout: int | None = None
@@ -86,4 +92,5 @@ class SharedValues(_Extension):
             current = json.loads(json.dumps(default)) if data is None else _decode(key, data)
             return _encode(fn(current))
 
-        return _decode(key, self.store.update_value(key, change, timeout))
+        store = self.store
+        return _decode(key, metrics.measure(store, "value_update", key, store.update_value, change, timeout))

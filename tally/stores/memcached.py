@@ -17,7 +17,6 @@ while it is down its counters answer ``StoreUnavailable``, each command within `
 
 from __future__ import annotations
 
-import logging
 import socket
 import time
 import urllib.parse
@@ -27,11 +26,10 @@ from typing import Any
 
 from pymemcache.exceptions import MemcacheClientError, MemcacheError
 
+from .. import metrics
 from ..errors import Conflict, CorruptCounter, StoreUnavailable
 from .base import VALUE_RETRIES, CounterStore, KeyLocks, counter_name, pause_after_conflict
 from .memcached_client import Connection, PoolExhausted, ServerConnections, parse_address, server_for
-
-log = logging.getLogger(__name__)
 
 OFFSET = 2**62
 LIMIT = 4_600_000_000_000_000_000
@@ -229,6 +227,7 @@ class MemcachedCounterStore(CounterStore):
                     stored = client.call("cas", mkey, data, cas_id, memcached_expiry(ttl))
                 if stored:
                     return data
+                metrics.update_retried(self.backend)
                 pause_after_conflict(attempt)
         raise Conflict(f"shared value {key!r} changed under {VALUE_RETRIES} attempts to update it")
 
@@ -346,12 +345,10 @@ class MemcachedCounterStore(CounterStore):
             previous = self._logged_starts.get(address)
             if previous is None or abs(started - previous) > 2:
                 self._logged_starts[address] = started
-                log.warning(
-                    "memcached %s restarted (uptime %d s): the counters it held were lost", address, uptime
-                )
+                metrics.memcached_restarted(address, uptime)  # logged and counted once per start
         if evictions:
             report["warning"] = "memcached evicted items: counters may have been lost; run it with -M"
-            log.warning("memcached %s has evicted %d items: counters may have been lost", address, evictions)
+        metrics.memcached_evictions(address, evictions)  # logged when the number grows
         return report
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .. import metrics
 from ..errors import Conflict, CorruptCounter, Overflow, StoreUnavailable
 from .base import VALUE_RETRIES, CounterStore, KeyLocks, counter_name, pause_after_conflict
 
@@ -136,6 +137,7 @@ class RedisCounterStore(CounterStore):
                     pipe.execute()
                     return data
                 except redis.WatchError:
+                    metrics.update_retried(self.backend)
                     pause_after_conflict(attempt)
                 finally:
                     pipe.reset()
