@@ -14,7 +14,7 @@ from typing import Any
 
 from flask import Flask
 
-from tally.config import ConfigError, backend_name, cache_settings
+from tally.config import ConfigError, backend_name, cache_settings, is_count, is_number
 
 __all__ = ["ConfigError", "ensure_secret_key", "load_settings", "refuse_weak_secret_key"]
 
@@ -23,33 +23,21 @@ DEFAULT_SETTINGS = ROOT / "settings.toml"
 SECRET_KEY_FILE = "secret_key"
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _positive(value: Any) -> bool:
-    return _number(value) and value > 0
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 #: key -> (check, what the check expects)
 CHECKS: dict[str, tuple[Any, str]] = {
     "CACHE_DIR": (lambda v: isinstance(v, (str, os.PathLike)) and os.fspath(v) != "", "a directory path"),
-    "CACHE_DEFAULT_TIMEOUT": (lambda v: _number(v) and v >= 0, "a number of seconds >= 0"),
+    "CACHE_DEFAULT_TIMEOUT": (lambda v: is_number(v) and v >= 0, "a number of seconds >= 0"),
     "CACHE_THRESHOLD": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     "CACHE_KEY_PREFIX": (lambda v: isinstance(v, str), "a string"),
     "TALLY_ADMIN_TOKEN": (lambda v: isinstance(v, str), "a string"),
     "METRICS_TOKEN": (lambda v: isinstance(v, str), "a string"),
     "SECRET_KEY": (lambda v: v is None or isinstance(v, (str, bytes)), "a string"),
     "PERMANENT_SESSION_LIFETIME": (
-        lambda v: _count(v) or isinstance(v, timedelta),
+        lambda v: is_count(v) or isinstance(v, timedelta),
         "a whole number of seconds >= 1",
     ),
     "SESSION_COOKIE_SECURE": (lambda v: isinstance(v, bool), "true or false"),
-    "MAX_CONTENT_LENGTH": (_count, "a number of bytes >= 1"),
+    "MAX_CONTENT_LENGTH": (is_count, "a number of bytes >= 1"),
     "RATELIMIT_ENABLED": (lambda v: isinstance(v, bool), "true or false"),
     "RATELIMIT_DEFAULT": (lambda v: isinstance(v, str) and v != "", 'a limit such as "120 per minute"'),
 }

@@ -11,10 +11,8 @@ server into docs/race-report.png.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import textwrap
@@ -24,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import machine  # noqa: E402
 from tally.loadcheck import run_load  # noqa: E402
 from tests.servers import FlaskDevServer, Gunicorn, Memcached, Postgres, Redis  # noqa: E402
 
@@ -110,20 +109,6 @@ def measure(server_class, label, app, env, route, project, **options):
         "errors": sum(report.errors.values()) + report.sent - report.ok,
         "passed": report.passed(start),
     }
-
-
-def machine() -> str:
-    """The machine the figures come from: cores, CPU model, Python, and today's date."""
-    model = platform.machine()
-    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return (
-        f"{os.cpu_count()} cores ({model}), Python {platform.python_version()},"
-        f" {datetime.date.today().isoformat()}"
-    )
 
 
 def write_chart(rows: list[dict], path: Path) -> None:

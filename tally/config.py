@@ -82,19 +82,19 @@ def backend_name(cache_type: object) -> str:
     raise _refuse(cache_type, _UNSUPPORTED.get(last, "is not a backend Tally knows"))
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _positive(value: Any) -> bool:
-    return _number(value) and value > 0
+def is_positive(value: Any) -> bool:
+    return is_number(value) and value > 0
 
 
-def _count(value: Any) -> bool:
+def is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _directory(value: Any) -> bool:
+def is_directory(value: Any) -> bool:
     return isinstance(value, (str, os.PathLike)) and os.fspath(value) != ""
 
 
@@ -106,13 +106,13 @@ DEFAULT_DATABASE_URI = "sqlite:///tally.db"
 
 CHECKS: dict[str, tuple[Any, str]] = {
     "COUNTER_STORE": (lambda v: v is None or v in COUNTER_STORES, 'unset, or "sql"'),
-    "COUNTER_DIR": (_directory, "a directory path"),
+    "COUNTER_DIR": (is_directory, "a directory path"),
     "COUNTER_FSYNC": (lambda v: isinstance(v, bool), "true or false"),
-    "COUNTER_SWEEP_INTERVAL": (_positive, "a number of seconds > 0"),
+    "COUNTER_SWEEP_INTERVAL": (is_positive, "a number of seconds > 0"),
     "COUNTER_KEY_PREFIX": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-    "COUNTER_TIMEOUT": (_positive, "a number of seconds > 0"),
-    "COUNTER_POOL_SIZE": (_count, "an integer >= 1"),
-    "VALUE_MAX_BYTES": (lambda v: _count(v) and v <= 1_000_000, "a number of bytes from 1 to 1000000"),
+    "COUNTER_TIMEOUT": (is_positive, "a number of seconds > 0"),
+    "COUNTER_POOL_SIZE": (is_count, "an integer >= 1"),
+    "VALUE_MAX_BYTES": (lambda v: is_count(v) and v <= 1_000_000, "a number of bytes from 1 to 1000000"),
 }
 
 

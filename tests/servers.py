@@ -41,6 +41,30 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 15.0) -
     raise RuntimeError(f"{process.args[0]} did not listen on {HOST}:{port} within {timeout}s")
 
 
+def process_state(pid: int) -> str | None:
+    """The state letter of a process (``Z``: exited, not yet reaped), ``None`` when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def child_pids(parent: int) -> list[int]:
+    """The live (not exited) child processes of ``parent``, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == parent and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
 def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
     if process.poll() is not None:
         return
@@ -370,16 +394,7 @@ class Postgres(Server):
 
     def _all_pids(self) -> list[int]:
         assert self.process is not None
-        pids = [self.process.pid]
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat") as stat:
-                        if int(stat.read().rsplit(")", 1)[1].split()[1]) == self.process.pid:
-                            pids.append(int(entry))
-                except (OSError, ValueError, IndexError):
-                    continue
-        return pids
+        return [self.process.pid, *child_pids(self.process.pid)]
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

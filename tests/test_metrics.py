@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tally import metrics as tally_metrics
 from tally.loadcheck import run_load
 from tests.conftest import SHARED_BACKENDS, settings_env
-from tests.servers import ROOT, Memcached
+from tests.servers import ROOT, Memcached, child_pids
 
 ADMIN_TOKEN = "admin-" + "a" * 24
 METRICS_TOKEN = "metrics-" + "m" * 24
@@ -103,28 +103,13 @@ def test_the_counts_of_a_worker_that_died_stay_in_the_totals(serve, store_settin
         return total(samples, "tally_store_operations_total", operation="incr", outcome="ok")
 
     assert incr_total() == 200
-    workers = worker_pids(server.process.pid)
+    workers = child_pids(server.process.pid)
     os.kill(workers[0], signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while workers[0] in worker_pids(server.process.pid) or len(worker_pids(server.process.pid)) < 2:
+    while workers[0] in child_pids(server.process.pid) or len(child_pids(server.process.pid)) < 2:
         assert time.monotonic() < deadline, "gunicorn did not replace the killed worker"
         time.sleep(0.1)
     assert incr_total() == 200
-
-
-def worker_pids(master: int) -> list[int]:
-    """The live child processes of ``master``, from /proc."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == master and fields[0] != "Z":
-                found.append(int(entry))
-    return found
 
 
 def test_the_metrics_directory_is_the_masters_own_and_stale_ones_are_removed(serve, store_settings, tmp_path):

@@ -18,7 +18,7 @@ import pytest
 
 from tally.loadcheck import run_load
 from tests.conftest import SHARED_BACKENDS, settings_env
-from tests.servers import ROOT, DevServer, Gunicorn
+from tests.servers import ROOT, DevServer, Gunicorn, child_pids, process_state
 
 pytestmark = pytest.mark.slow
 
@@ -86,28 +86,6 @@ def test_the_memory_store_in_workers_that_each_built_the_app_counts_in_one_only(
     assert report.statuses[500] > 0  # several workers served, and the others refused
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_a_worker_with_a_stuck_request_exits_on_sigterm_within_graceful_timeout():
     """A request thread that never returns must not keep its worker alive past graceful_timeout: with
     the master gone (killed), nothing else would ever stop it.  The watchdog also logs the stacks."""
@@ -119,7 +97,7 @@ def test_a_worker_with_a_stuck_request_exits_on_sigterm_within_graceful_timeout(
         deadline = time.monotonic() + 20
         while len(workers) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-            workers = _children(server.process.pid)
+            workers = child_pids(server.process.pid)
         assert len(workers) == 2
 
         def hang() -> None:
@@ -138,14 +116,19 @@ def test_a_worker_with_a_stuck_request_exits_on_sigterm_within_graceful_timeout(
         began = time.monotonic()
         for pid in workers:
             os.kill(pid, signal.SIGTERM)
-        while any(_running(pid) for pid in workers) and time.monotonic() - began < graceful + 20:
+        while (
+            any(process_state(pid) not in (None, "Z") for pid in workers)
+            and time.monotonic() - began < graceful + 20
+        ):
             time.sleep(0.1)
         took = time.monotonic() - began
-        assert not any(_running(pid) for pid in workers), "a worker outlived its SIGTERM"
+        assert not any(process_state(pid) not in (None, "Z") for pid in workers), (
+            "a worker outlived its SIGTERM"
+        )
         assert took < graceful + 5, took  # by its own watchdog, not by anything else
         assert "Timeout" in server.log_text() or "Thread" in server.log_text()  # the stacks were logged
     finally:
         for pid in workers:
-            if _running(pid):
+            if process_state(pid) not in (None, "Z"):
                 os.kill(pid, signal.SIGKILL)
         server.stop()
