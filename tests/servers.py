@@ -50,6 +50,31 @@ def process_state(pid: int) -> str | None:
         return None
 
 
+def _threads_running(pid: int) -> bool:
+    """Whether any thread of ``pid`` is not stopped (a group stop reaches the threads one by one)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] not in ("T", "t", "Z"):
+                    return True
+        except (OSError, IndexError):
+            continue
+    return False
+
+
+def wait_until_stopped(pids: list[int], timeout: float = 5.0) -> None:
+    """Wait until every thread of every process of ``pids`` is stopped, or gone."""
+    deadline = time.monotonic() + timeout
+    while any(_threads_running(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes {pids} did not stop within {timeout} s")
+        time.sleep(0.01)
+
+
 def child_pids(parent: int) -> list[int]:
     """The live (not exited) child processes of ``parent``, from /proc."""
     found = []
@@ -110,9 +135,12 @@ class Server:
         self.stop()
 
     def pause(self) -> None:
-        """SIGSTOP: the server keeps its data and its port but answers nothing (a hung server)."""
+        """SIGSTOP: the server keeps its data and its port but answers nothing (a hung server).
+        Returns once the kernel shows it stopped: a signal lands asynchronously, and on a busy machine
+        a command sent right after kill() could still be served."""
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGSTOP)
+        wait_until_stopped([self.process.pid])
 
     def resume(self) -> None:
         assert self.process is not None
@@ -414,9 +442,11 @@ class Postgres(Server):
         self.process.wait(timeout=15)
 
     def pause(self) -> None:
-        for pid in self._all_pids():
+        pids = self._all_pids()
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGSTOP)
+        wait_until_stopped(pids)
 
     def resume(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -233,3 +233,24 @@ def test_more_threads_than_connections_wait_then_answer_503_not_a_pool_error(mem
             store.add("c", 1)
         assert time.monotonic() - began >= 0.25  # it waited for a connection first
     assert store.add("c", 1) == 2  # nothing was counted by the refused step
+
+
+def test_connections_left_idle_through_a_restart_reconnect_without_a_503():
+    """Every pooled connection that sat idle while memcached restarted is dead; each is noticed
+    (readable: closed by the server) before its next command and replaced, so the first requests
+    after the restart do not fail.  memcached kept nothing: the counter starts again."""
+    server = Memcached("memcached").start()
+    store = MemcachedCounterStore([server.address], key_prefix="idle:", pool_size=3)
+    try:
+        holders = [store._connections[server.address].take(1) for _ in range(3)]
+        for connection in holders:  # open all three sockets
+            connection.call("get", "idle:x")
+        for connection in holders:
+            store._connections[server.address].give(connection)
+        server.stop()
+        server.start()
+        time.sleep(1.2)  # idle for longer than the check's threshold
+        assert [store.add("x", 1) for _ in range(6)] == [1, 2, 3, 4, 5, 6]
+    finally:
+        store.close()
+        server.stop()

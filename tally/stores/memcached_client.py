@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import select
 import socket
 import threading
 import time
@@ -97,6 +98,11 @@ class _SocketModule:
 SOCKET_MODULE = _SocketModule()
 
 
+#: A connection unused for longer than this is checked for a close by the server before its next
+#: command (one non-blocking select; busy connections skip it).
+IDLE_CHECK_SECONDS = 1.0
+
+
 class PoolExhausted(Exception):
     """Every connection of this process to the server stayed in use for the whole wait."""
 
@@ -120,14 +126,33 @@ class Connection:
             default_noreply=False,
             socket_module=SOCKET_MODULE,
         )
+        self._last_used = 0.0
 
     def call(self, command: str, *args: Any, **kwargs: Any) -> Any:
         """Run one pymemcache command, finished or failed (socket closed) by the deadline."""
-        _deadline.at = time.monotonic() + self.timeout
+        now = time.monotonic()
+        if now - self._last_used > IDLE_CHECK_SECONDS:
+            self._drop_if_closed()
+        self._last_used = now
+        _deadline.at = now + self.timeout
         try:
             return getattr(self._client, command)(*args, **kwargs)
         finally:
             _deadline.at = None
+
+    def _drop_if_closed(self) -> None:
+        """Close a connection the server closed while it sat idle (a memcached restart), so that the
+        command opens a new one instead of failing on the dead one.  memcached never speaks first: an
+        idle connection that is readable has reached its end (EOF) or was reset."""
+        sock = self._client.sock
+        if sock is None:
+            return
+        try:
+            readable = select.select([sock], [], [], 0)[0]
+        except (OSError, ValueError):
+            readable = [sock]
+        if readable:
+            self._client.close()
 
     def close(self) -> None:
         self._client.close()
