@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,21 +71,21 @@ def rate(operation: Callable[[], object], seconds: float) -> float:
     return done / (time.perf_counter() - began)
 
 
-def _fs_worker(directory: str, seconds: float, start_at: float, queue) -> None:
-    store = FileCounterStore(directory)
+def _four_worker(make_store: Callable[[], object], seconds: float, start_at: float, queue) -> None:
+    store = make_store()
     while time.time() < start_at:
         time.sleep(0.001)
     queue.put(rate(lambda: store.add("shared", 1), seconds))
 
 
-def fs_four_processes(seconds: float) -> float:
-    """Aggregate steps/s of four processes, each with its own store, on one counter."""
-    directory = tempfile.mkdtemp(prefix="bench-fs4-")
+def four_processes(make_store: Callable[[], object], seconds: float) -> float:
+    """Aggregate steps/s of four forked processes, each with its own store from ``make_store``, all
+    on one counter."""
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
-    start_at = time.time() + 0.5
+    start_at = time.time() + 1.0
     workers = [
-        context.Process(target=_fs_worker, args=(directory, seconds, start_at, queue)) for _ in range(4)
+        context.Process(target=_four_worker, args=(make_store, seconds, start_at, queue)) for _ in range(4)
     ]
     for worker in workers:
         worker.start()
@@ -339,7 +340,11 @@ def main() -> int:
                 "ops/s",
                 target=">= 100,000 ops/s",
             )
-            row("filesystem helper incr, 4 processes, one counter", fs_four_processes(seconds), "ops/s (sum)")
+            row(
+                "filesystem helper incr, 4 processes, one counter",
+                four_processes(partial(FileCounterStore, tempfile.mkdtemp(prefix="bench-fs4-")), seconds),
+                "ops/s (sum)",
+            )
             row(
                 "filesystem update (shared value)",
                 rate(lambda: fs.update_value("v", append_one), seconds),
@@ -406,7 +411,7 @@ def main() -> int:
                 "ops/s",
             )
         if "sqlite" in only or postgres is not None:
-            sql_rows(row, interleaved, rate, seconds, postgres, sqlite="sqlite" in only)
+            sql_rows(row, interleaved, four_processes, seconds, postgres, sqlite="sqlite" in only)
         http_stores = []  # (name, Tally's environment, target, the raw-client app's environment)
         if "filesystem" in only:
             http_stores.append(("filesystem", {"FLASK_CACHE_TYPE": "FileSystemCache"}, ">= 0.85x", None))

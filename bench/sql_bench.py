@@ -3,10 +3,8 @@ call (sqlite3; psycopg), and four processes on one hot row (SQLite; PostgreSQL).
 
 from __future__ import annotations
 
-import multiprocessing
 import sqlite3
 import tempfile
-import time
 from collections.abc import Callable
 
 from tally.stores.sql import SqlCounterStore
@@ -36,32 +34,7 @@ def _raw_postgresql(conninfo: str) -> Callable[[], object]:
     return lambda: connection.execute(statement, ("raw",)).fetchone()
 
 
-def _hot_row_worker(url: str, seconds: float, start_at: float, queue, rate) -> None:
-    store = SqlCounterStore(url, key_prefix="bench4:", timeout=5.0, pool_size=1)
-    store.add("hot", 1)
-    while time.time() < start_at:
-        time.sleep(0.001)
-    queue.put(rate(lambda: store.add("hot", 1), seconds))
-    store.close()
-
-
-def four_processes_on_one_row(url: str, seconds: float, rate) -> float:
-    """Aggregate steps/s of four processes, each with its own store, all on one counter."""
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    start_at = time.time() + 1.0
-    workers = [
-        context.Process(target=_hot_row_worker, args=(url, seconds, start_at, queue, rate)) for _ in range(4)
-    ]
-    for worker in workers:
-        worker.start()
-    total = sum(queue.get(timeout=seconds + 60) for _ in workers)
-    for worker in workers:
-        worker.join(timeout=30)
-    return total
-
-
-def sql_rows(row, interleaved, rate, seconds: float, postgres=None, sqlite: bool = True) -> None:
+def sql_rows(row, interleaved, four_processes, seconds: float, postgres=None, sqlite: bool = True) -> None:
     """Append the sql store's rows through ``row``; ``postgres`` is a running tests.servers.Postgres."""
     databases = []
     if sqlite:
@@ -84,7 +57,9 @@ def sql_rows(row, interleaved, rate, seconds: float, postgres=None, sqlite: bool
         )
         row(
             f"sql ({name}) helper incr, 4 processes, one hot row",
-            four_processes_on_one_row(url, seconds, rate),
+            four_processes(
+                lambda url=url: SqlCounterStore(url, key_prefix="bench4:", timeout=5.0, pool_size=1), seconds
+            ),
             "ops/s (sum)",
         )
         store.close()
