@@ -35,14 +35,16 @@ run: $(VENV)/.base
 	$(VENV)/bin/gunicorn -c gunicorn.conf.py app:app
 
 # The tests start real memcached, redis-server and PostgreSQL (initdb + postgres, found on PATH or in
-# Debian's /usr/lib/postgresql/*/bin) processes and drive headless Chromium.
+# Debian's /usr/lib/postgresql/*/bin) processes and drive headless Chromium.  Redis Sentinel is
+# redis-server's own --sentinel mode, and redis-cli (Debian's redis-tools, which redis-server pulls
+# in) builds the test cluster: nothing more to install for them.
 HAVE_POSTGRES = { command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }
 servers:
-	@if command -v memcached >/dev/null && command -v redis-server >/dev/null \
+	@if command -v memcached >/dev/null && command -v redis-server >/dev/null && command -v redis-cli >/dev/null \
 		&& command -v chromium >/dev/null && command -v chromedriver >/dev/null && $(HAVE_POSTGRES); then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			memcached redis-server chromium chromium-driver postgresql >/dev/null; \
+			memcached redis-server redis-tools chromium chromium-driver postgresql >/dev/null; \
 	else \
 		echo "make test needs memcached, redis-server, PostgreSQL, chromium and chromedriver:"; \
 		echo "  Debian: sudo apt-get install memcached redis-server postgresql chromium chromium-driver"; exit 1; \

@@ -41,6 +41,32 @@ def init_db_command() -> None:
     click.echo(f"tables ready in {store.url}")
 
 
+@counters_cli.command("manager")
+def manager_command() -> None:
+    """Serve the manager store (COUNTER_STORE = "manager") in the foreground until Ctrl-C or SIGTERM,
+    at COUNTER_MANAGER_ADDRESS with COUNTER_MANAGER_AUTHKEY, saving COUNTER_MANAGER_SNAPSHOT if set."""
+    import logging
+
+    from tally.extension import SETTINGS_KEY
+    from tally.stores import manager
+
+    settings = current_app.extensions[SETTINGS_KEY]
+    if settings["STORE"] != "manager":
+        raise click.ClickException(
+            f'COUNTER_STORE is not "manager": this app uses the {settings["STORE"]} store'
+        )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        manager.serve(
+            settings["COUNTER_MANAGER_ADDRESS"],
+            settings["COUNTER_MANAGER_AUTHKEY"],
+            snapshot=settings["COUNTER_MANAGER_SNAPSHOT"],
+            snapshot_interval=settings["COUNTER_MANAGER_SNAPSHOT_INTERVAL"],
+        )
+    except (manager.ManagerRunning, manager.ManagerConfigError, OSError) as error:
+        raise click.ClickException(str(error)) from error
+
+
 @counters_cli.command("get")
 @click.argument("name")
 def get_command(name: str) -> None:

@@ -1,4 +1,5 @@
-"""Gunicorn settings for Tally, from the environment: TALLY_BIND, TALLY_WORKERS, TALLY_THREADS."""
+"""Gunicorn settings for Tally, from the environment: TALLY_BIND, TALLY_WORKERS, TALLY_THREADS,
+TALLY_WORKER_CLASS (gevent) and TALLY_WORKER_CONNECTIONS."""
 
 import faulthandler
 import os
@@ -8,7 +9,11 @@ import signal
 bind = os.environ.get("TALLY_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("TALLY_WORKERS", "4"))
 threads = int(os.environ.get("TALLY_THREADS", "8"))
-worker_class = "gthread" if threads > 1 else "sync"
+worker_class = os.environ.get("TALLY_WORKER_CLASS") or ("gthread" if threads > 1 else "sync")
+# TALLY_WORKER_CLASS=gevent: each worker serves up to worker_connections requests at once, one greenlet
+# each (TALLY_THREADS is ignored).  On a network store at most COUNTER_POOL_SIZE of them talk to it at a
+# time; the others wait for a connection, so thousands of admitted requests would only queue (or 503).
+worker_connections = int(os.environ.get("TALLY_WORKER_CONNECTIONS", "100"))
 keepalive = 5
 timeout = 30
 graceful_timeout = int(os.environ.get("TALLY_GRACEFUL_TIMEOUT", "10"))
@@ -60,6 +65,19 @@ def _running(pid: int) -> bool:
     return True
 
 
+def _patch_for_gevent(server) -> None:
+    """Under a gevent worker (TALLY_WORKER_CLASS=gevent or -k gevent), patch the standard library in
+    the master before the app is imported: the workers are forked from it, so every lock, queue and
+    socket class the app and its stores create is then gevent's.  gunicorn patches only in the worker,
+    after the import: there, 20 memcached calls of 0.2 s each took 4 s (one at a time, the hub
+    blocked) and PostgreSQL calls hung until the client gave up (psycopg picks its wait function at
+    import); patched here, 0.25 s and 0.23 s."""
+    if "gevent" in server.cfg.worker_class_str.lower():
+        from gevent import monkey
+
+        monkey.patch_all()
+
+
 def on_starting(server):
     """Build the app in the master before any worker starts.
 
@@ -68,6 +86,7 @@ def on_starting(server):
     app (as with --preload); stores open connections and file descriptors lazily, per process.
     First, the metrics directory: /metrics then sums every worker's figures.
     """
+    _patch_for_gevent(server)
     _metrics_directory()
     from settings import ConfigError
 
@@ -82,6 +101,34 @@ def on_starting(server):
             f" set to {server.cfg.workers} workers; use TALLY_WORKERS=1 or a shared store"
             " (FileSystemCache, MemcachedCache, RedisCache)"
         )
+    _start_counter_manager(server, app.app)
+
+
+#: The counter manager this master started (COUNTER_STORE = "manager"), stopped by on_exit.
+_counter_manager = None
+
+
+def _start_counter_manager(server, flask_app):
+    """COUNTER_STORE = "manager" at the default address (the instance folder's socket) with nothing
+    listening there: start the manager as this master's child, before any worker forks.  A manager
+    started otherwise (`flask --app app counters manager`, another address) is used as it is."""
+    global _counter_manager
+    settings = flask_app.extensions["tally.settings"]
+    if settings["STORE"] != "manager":
+        return
+    from tally.stores import manager
+
+    address = settings["COUNTER_MANAGER_ADDRESS"]
+    if address != manager.default_address(flask_app.instance_path) or manager.answers(address):
+        return
+    _counter_manager = manager.spawn_server(
+        address,
+        settings["COUNTER_MANAGER_AUTHKEY"],
+        snapshot=settings["COUNTER_MANAGER_SNAPSHOT"],
+        snapshot_interval=settings["COUNTER_MANAGER_SNAPSHOT_INTERVAL"],
+    )
+    if _counter_manager is not None:
+        server.log.info("Started counter manager at %s (pid %s)", address, _counter_manager.pid)
 
 
 def child_exit(server, worker):
@@ -92,10 +139,15 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    """The master stops: its metrics directory goes with it (the next start begins from zero)."""
+    """The master stops: its metrics directory goes with it (the next start begins from zero), and the
+    counter manager it started stops by pid (after the workers; it writes its snapshot if it has one)."""
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
     if os.path.basename(directory) == str(os.getpid()):
         shutil.rmtree(directory, ignore_errors=True)
+    if _counter_manager is not None:
+        from tally.stores.manager import stop_server
+
+        stop_server(_counter_manager)
 
 
 def post_fork(server, worker):

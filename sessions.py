@@ -29,6 +29,10 @@ def _server_session_store(app: Flask) -> tuple[dict, tuple[type[BaseException], 
     backend = config["CACHE_TYPE"]
     lifetime = int(app.permanent_session_lifetime.total_seconds())
     timeout = config["COUNTER_TIMEOUT"]
+    if backend in ("RedisSentinelCache", "RedisClusterCache"):
+        # The counter store's own way to the primary: followed through a failover, never a replica.
+        client = app.extensions["tally"].session_client()
+        return {"SESSION_TYPE": "redis", "SESSION_REDIS": client}, (StoreUnavailable,)
     if backend == "RedisCache":
         import redis
         from redis.backoff import NoBackoff

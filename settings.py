@@ -11,6 +11,7 @@ import tomllib
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from flask import Flask
 
@@ -59,6 +60,10 @@ def load_settings(app: Flask, overrides: dict[str, Any] | None = None) -> None:
     # Flask-Caching 2 knows its backends by class name only; the demo also takes the short names of
     # Flask-Caching 1 (the seed's "filesystem"), so every spelling Tally accepts works for both.
     app.config["CACHE_TYPE"] = backend_name(app.config.get("CACHE_TYPE"))
+    if app.config["CACHE_TYPE"] == "RedisClusterCache" and app.config.get("CACHE_REDIS_CLUSTER"):
+        # Flask-Caching prefers CACHE_REDIS_URL to the node list; settings.toml's default single-server
+        # URL would otherwise take the page cache (and only it) off the cluster.
+        app.config.pop("CACHE_REDIS_URL", None)
     cache_settings(app.config)  # Flask-Caching's keys, checked before Flask-Caching reads them
     app.config["CACHE_DIR"] = os.path.abspath(os.path.join(app.instance_path, app.config["CACHE_DIR"]))
     if isinstance(app.config["PERMANENT_SESSION_LIFETIME"], int):
@@ -145,17 +150,32 @@ def rate_limit_storage(config: dict[str, Any], store: dict[str, Any]) -> str:
         return store["CACHE_REDIS_URL"]
     if store["CACHE_TYPE"] == "MemcachedCache":
         return "memcached://" + ",".join(store["CACHE_MEMCACHED_SERVERS"])
+    if store["CACHE_TYPE"] in ("RedisSentinelCache", "RedisClusterCache"):
+        password = store["CACHE_REDIS_PASSWORD"]
+        auth = f":{quote(str(password), safe='')}@" if password else ""
+        if store["CACHE_TYPE"] == "RedisClusterCache":
+            return f"redis+cluster://{auth}" + ",".join(f"{h}:{p}" for h, p in store["CACHE_REDIS_CLUSTER"])
+        sentinels = ",".join(f"{h}:{p}" for h, p in store["CACHE_REDIS_SENTINELS"])
+        return f"redis+sentinel://{auth}{sentinels}/{quote(store['CACHE_REDIS_SENTINEL_MASTER'], safe='')}"
     return "memory://"
 
 
 def rate_limit_storage_options(uri: str, timeout: float) -> dict[str, Any]:
     """Client options for a limit storage on a server: the counters' timeout and no hidden retries,
     so that a limit check on a hung server gives up as soon as a counter step would."""
-    if uri.startswith(("redis://", "rediss://", "unix://")):
+    if uri.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")):
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
+        options: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        if uri.startswith("redis+sentinel://"):  # limits read from the primary, as counters do
+            options["use_replicas"] = False
+            options["sentinel_kwargs"] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        return options
     if uri.startswith("memcached://"):
         return {"connect_timeout": timeout, "timeout": timeout}
     return {}

@@ -27,11 +27,28 @@ DEFAULTS: dict[str, Any] = {
     "COUNTER_KEY_PREFIX": "tally:",  # memcached/Redis key prefix, apart from CACHE_KEY_PREFIX
     "COUNTER_TIMEOUT": 0.5,  # seconds: every memcached/Redis call returns or fails within it
     "COUNTER_POOL_SIZE": 16,  # connections per process (>= the threads serving requests)
+    "COUNTER_COMBINE": True,  # concurrent steps on one counter share a round trip (tally.combining)
+    "COUNTER_MIN_REPLICAS": 0,  # Redis: replicas that must confirm each write (WAIT) before it counts
     "VALUE_MAX_BYTES": 65536,  # largest shared value, as JSON
+    # COUNTER_STORE = "manager": one multiprocessing manager process on this host
+    "COUNTER_MANAGER_ADDRESS": None,  # None: manager.sock (0600) in the instance folder; or 127.0.0.1:port
+    "COUNTER_MANAGER_AUTHKEY": None,  # None: generated once into the instance folder (0600)
+    "COUNTER_MANAGER_ALLOW_REMOTE": False,  # true: a non-loopback host:port (the protocol is pickle)
+    "COUNTER_MANAGER_SNAPSHOT": None,  # a file the manager saves its state to (None: lost with it)
+    "COUNTER_MANAGER_SNAPSHOT_INTERVAL": 5,  # seconds between snapshot writes, at most one each
 }
 
 #: The stores, by the Flask-Caching backend they follow.
-SUPPORTED = ("FileSystemCache", "MemcachedCache", "RedisCache", "SimpleCache")
+SUPPORTED = (
+    "FileSystemCache",
+    "MemcachedCache",
+    "RedisCache",
+    "RedisSentinelCache",
+    "RedisClusterCache",
+    "SimpleCache",
+)
+#: The backends on Redis, whose stores can wait for replicas (COUNTER_MIN_REPLICAS).
+REDIS_BACKENDS = ("RedisCache", "RedisSentinelCache", "RedisClusterCache")
 
 #: Every spelling of a supported backend that Flask-Caching accepts now (class names, dotted paths) or
 #: accepted before 2.0 (short names), by its lower-cased last dotted component.
@@ -42,6 +59,10 @@ _SPELLINGS = {
     "memcached": "MemcachedCache",
     "rediscache": "RedisCache",
     "redis": "RedisCache",
+    "redissentinelcache": "RedisSentinelCache",
+    "redissentinel": "RedisSentinelCache",
+    "redisclustercache": "RedisClusterCache",
+    "rediscluster": "RedisClusterCache",
     "simplecache": "SimpleCache",
     "simple": "SimpleCache",
 }
@@ -56,10 +77,6 @@ _UNSUPPORTED = {
     "saslmemcached": "needs SASL authentication, which Tally's memcached client does not do",
     "spreadsaslmemcachedcache": "spreads one value over several keys, so no step on it is atomic",
     "spreadsaslmemcached": "spreads one value over several keys, so no step on it is atomic",
-    "redissentinelcache": "is not supported yet (Redis Sentinel)",
-    "redissentinel": "is not supported yet (Redis Sentinel)",
-    "redisclustercache": "is not supported yet (Redis Cluster)",
-    "rediscluster": "is not supported yet (Redis Cluster)",
 }
 
 
@@ -100,19 +117,32 @@ def is_directory(value: Any) -> bool:
 
 #: key -> (check, what the check expects)
 #: Stores chosen by COUNTER_STORE rather than by the cache backend.
-COUNTER_STORES = ("sql",)
+COUNTER_STORES = ("sql", "manager")
 #: The database of COUNTER_STORE = "sql" when SQLALCHEMY_DATABASE_URI is not set (in the instance folder).
 DEFAULT_DATABASE_URI = "sqlite:///tally.db"
 
 CHECKS: dict[str, tuple[Any, str]] = {
-    "COUNTER_STORE": (lambda v: v is None or v in COUNTER_STORES, 'unset, or "sql"'),
+    "COUNTER_STORE": (lambda v: v is None or v in COUNTER_STORES, 'unset, "sql" or "manager"'),
     "COUNTER_DIR": (is_directory, "a directory path"),
     "COUNTER_FSYNC": (lambda v: isinstance(v, bool), "true or false"),
     "COUNTER_SWEEP_INTERVAL": (is_positive, "a number of seconds > 0"),
     "COUNTER_KEY_PREFIX": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "COUNTER_TIMEOUT": (is_positive, "a number of seconds > 0"),
     "COUNTER_POOL_SIZE": (is_count, "an integer >= 1"),
+    "COUNTER_COMBINE": (lambda v: isinstance(v, bool), "true or false"),
+    "COUNTER_MIN_REPLICAS": (lambda v: is_count(v) or (type(v) is int and v == 0), "an integer >= 0"),
     "VALUE_MAX_BYTES": (lambda v: is_count(v) and v <= 1_000_000, "a number of bytes from 1 to 1000000"),
+    "COUNTER_MANAGER_ADDRESS": (
+        lambda v: v is None or isinstance(v, str),
+        "unset, a Unix socket path or host:port",
+    ),
+    "COUNTER_MANAGER_AUTHKEY": (
+        lambda v: v is None or (isinstance(v, (str, bytes)) and (v in ("", b"") or len(v) >= 16)),
+        "unset (generated) or a key of at least 16 characters",
+    ),
+    "COUNTER_MANAGER_ALLOW_REMOTE": (lambda v: isinstance(v, bool), "true or false"),
+    "COUNTER_MANAGER_SNAPSHOT": (lambda v: v is None or v == "" or is_directory(v), "unset or a file path"),
+    "COUNTER_MANAGER_SNAPSHOT_INTERVAL": (is_positive, "a number of seconds > 0"),
 }
 
 
@@ -144,6 +174,89 @@ def _redis_url_from_config(config: Mapping[str, Any]) -> str:
     password = config.get("CACHE_REDIS_PASSWORD")
     auth = f":{quote(str(password), safe='')}@" if password else ""
     return f"redis://{auth}{host}:{port}/{db}"
+
+
+def _sentinel_list(value: Any) -> list[tuple[str, int]]:
+    """``CACHE_REDIS_SENTINELS``: ``[[host, port], ...]`` (Flask-Caching's spelling; tuples too)."""
+    try:
+        sentinels = [(host, int(port)) for host, port in value]
+    except (TypeError, ValueError):
+        sentinels = []
+    if not sentinels or not all(
+        isinstance(host, str) and host and 0 < port < 65536 for host, port in sentinels
+    ):
+        raise ConfigError(f"setting CACHE_REDIS_SENTINELS must be a list of [host, port]; got {value!r}")
+    return sentinels
+
+
+def _cluster_nodes(value: Any, url: Any = None) -> list[tuple[str, int]]:
+    """The cluster's startup nodes as Flask-Caching finds them: the one node of ``CACHE_REDIS_URL``
+    when that is set (Flask-Caching prefers it), else ``CACHE_REDIS_CLUSTER``,
+    ``"host:port,host:port"``."""
+    if isinstance(url, str) and url.startswith(("redis://", "rediss://")):
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        value = f"{parts.hostname}:{parts.port or 6379}"
+    nodes = []
+    for part in value.split(",") if isinstance(value, str) else [None]:
+        host, _, port = (part or "").strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f'setting CACHE_REDIS_CLUSTER must be "host:port,host:port,..."; got {value!r}')
+        nodes.append((host.strip("[]"), int(port)))
+    return nodes
+
+
+def _redis_topology(config: Mapping[str, Any], backend: str) -> dict[str, Any]:
+    """Flask-Caching's keys for a Sentinel or Cluster backend, checked."""
+    password = config.get("CACHE_REDIS_PASSWORD") or None
+    if backend == "RedisClusterCache":
+        return {
+            "CACHE_REDIS_CLUSTER": _cluster_nodes(
+                config.get("CACHE_REDIS_CLUSTER"), config.get("CACHE_REDIS_URL")
+            ),
+            "CACHE_REDIS_PASSWORD": password,
+        }
+    master = config.get("CACHE_REDIS_SENTINEL_MASTER", "mymaster")
+    if not isinstance(master, str) or not master:
+        raise ConfigError(f"setting CACHE_REDIS_SENTINEL_MASTER must be a name; got {master!r}")
+    db = config.get("CACHE_REDIS_DB") or 0
+    if not isinstance(db, int) or isinstance(db, bool) or db < 0:
+        raise ConfigError(f"setting CACHE_REDIS_DB must be an integer >= 0; got {db!r}")
+    return {
+        "CACHE_REDIS_SENTINELS": _sentinel_list(config.get("CACHE_REDIS_SENTINELS", [("127.0.0.1", 26379)])),
+        "CACHE_REDIS_SENTINEL_MASTER": master,
+        "CACHE_REDIS_PASSWORD": password,
+        "CACHE_REDIS_SENTINEL_PASSWORD": config.get("CACHE_REDIS_SENTINEL_PASSWORD") or None,
+        "CACHE_REDIS_DB": db,
+    }
+
+
+def _topology_of(backend: Any) -> dict[str, Any]:
+    """What a Flask-Caching ``RedisSentinelCache`` or ``RedisClusterCache`` object was built with."""
+    client = backend._write_client
+    pool = getattr(client, "connection_pool", None)
+    manager = getattr(pool, "sentinel_manager", None)
+    if manager is not None:
+        kwargs = pool.connection_kwargs
+        sentinels = [
+            (s.connection_pool.connection_kwargs["host"], s.connection_pool.connection_kwargs["port"])
+            for s in manager.sentinels
+        ]
+        return {
+            "CACHE_TYPE": "RedisSentinelCache",
+            "CACHE_REDIS_SENTINELS": sentinels,
+            "CACHE_REDIS_SENTINEL_MASTER": pool.service_name,
+            "CACHE_REDIS_PASSWORD": kwargs.get("password"),
+            "CACHE_REDIS_SENTINEL_PASSWORD": manager.sentinel_kwargs.get("password"),
+            "CACHE_REDIS_DB": kwargs.get("db", 0),
+        }
+    nodes_manager = client.nodes_manager
+    return {
+        "CACHE_TYPE": "RedisClusterCache",
+        "CACHE_REDIS_CLUSTER": [(node.host, node.port) for node in nodes_manager.startup_nodes.values()],
+        "CACHE_REDIS_PASSWORD": nodes_manager.connection_kwargs.get("password"),
+    }
 
 
 def _redis_url_of(client: Any) -> str | None:
@@ -200,6 +313,8 @@ def _from_cache_backend(backend: Any) -> dict[str, Any]:
         found["CACHE_TYPE"] = "SimpleCache"
     elif isinstance(backend, cachelib.MemcachedCache):
         found.update(CACHE_TYPE="MemcachedCache", CACHE_MEMCACHED_SERVERS=_memcached_addresses(backend))
+    elif any(name in ("redissentinelcache", "redisclustercache") for name in names):
+        found.update(_topology_of(backend))
     elif isinstance(backend, cachelib.RedisCache):
         found.update(CACHE_TYPE="RedisCache", CACHE_REDIS_URL=_redis_url_of(backend._write_client))
     else:
@@ -249,6 +364,8 @@ def cache_settings(config: Mapping[str, Any]) -> dict[str, Any]:
         cache["CACHE_MEMCACHED_SERVERS"] = _server_list(config.get("CACHE_MEMCACHED_SERVERS"))
     if cache["CACHE_TYPE"] == "RedisCache":
         cache["CACHE_REDIS_URL"] = _redis_url_from_config(config)
+    if cache["CACHE_TYPE"] in ("RedisSentinelCache", "RedisClusterCache"):
+        cache.update(_redis_topology(config, cache["CACHE_TYPE"]))
     return cache
 
 
@@ -274,13 +391,26 @@ def store_settings(app: Flask, cache_backend: Any = None) -> dict[str, Any]:
         settings["SQLALCHEMY_DATABASE_URI"] = database_uri(
             config.get("SQLALCHEMY_DATABASE_URI") or DEFAULT_DATABASE_URI, app.instance_path
         )
+    if settings["STORE"] == "manager":
+        from .stores.manager import ManagerConfigError, manager_settings
+
+        try:
+            settings.update(manager_settings(config, app.instance_path))
+        except ManagerConfigError as error:
+            raise ConfigError(str(error)) from None
     if backend == "MemcachedCache" and not settings.get("CACHE_MEMCACHED_SERVERS"):
         # the cache's client did not say (another client library): the servers it was given
         settings["CACHE_MEMCACHED_SERVERS"] = _server_list(config.get("CACHE_MEMCACHED_SERVERS"))
     if backend == "RedisCache" and not settings.get("CACHE_REDIS_URL"):
         settings["CACHE_REDIS_URL"] = _redis_url_from_config(config)
     counter_prefix, cache_prefix = settings["COUNTER_KEY_PREFIX"], str(settings["CACHE_KEY_PREFIX"] or "")
-    if backend in ("MemcachedCache", "RedisCache") and (
+    if settings["COUNTER_MIN_REPLICAS"] and settings["STORE"] not in REDIS_BACKENDS:
+        raise ConfigError(
+            f"COUNTER_MIN_REPLICAS = {settings['COUNTER_MIN_REPLICAS']} needs a Redis store (RedisCache,"
+            f" RedisSentinelCache, RedisClusterCache); the {settings['STORE']} store has no replicas"
+            " to wait for"
+        )
+    if backend in ("MemcachedCache", *REDIS_BACKENDS) and (
         counter_prefix.startswith(cache_prefix) or cache_prefix.startswith(counter_prefix)
     ):
         # cachelib's RedisCache.clear() deletes every key starting with CACHE_KEY_PREFIX.

@@ -45,6 +45,13 @@ class StoreUnavailable(TallyError):
     code = "store_unavailable"
 
 
+class ReplicationUnconfirmed(StoreUnavailable):
+    """The step reached the primary but fewer replicas than ``COUNTER_MIN_REPLICAS`` confirmed it in
+    time: it may survive a failover or be lost with the primary, so its result is never returned."""
+
+    code = "outcome_unknown"
+
+
 class NotOneProcess(TallyError):
     """The in-process memory store is used by a process that cannot be the only one counting (a fork
     of the process that built it, or one of several processes of the app); nothing was read or

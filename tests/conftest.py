@@ -14,17 +14,30 @@ SESSION_INSTANCE = os.environ.setdefault(
     "TALLY_INSTANCE_PATH", tempfile.mkdtemp(prefix="tally-test-instance-")
 )
 
-from tests.servers import Gunicorn, Memcached, Postgres, Redis  # noqa: E402
+from tests.redis_topologies import MASTER_NAME, ClusterTopology, SentinelTopology  # noqa: E402
+from tests.servers import Gunicorn, Manager, Memcached, Postgres, Redis  # noqa: E402
 
 BACKENDS = {
     "filesystem": "FileSystemCache",
     "memory": "SimpleCache",
     "memcached": "MemcachedCache",
     "redis": "RedisCache",
+    "redis-sentinel": "RedisSentinelCache",  # a primary, two replicas, three sentinels
+    "redis-cluster": "RedisClusterCache",  # three primaries, three replicas
     "sqlite": "FileSystemCache",  # COUNTER_STORE = "sql": counters in the database; the page cache
     "postgresql": "FileSystemCache",  # and sessions follow CACHE_TYPE
+    "manager": "FileSystemCache",  # COUNTER_STORE = "manager": counters in one manager process
 }
-SHARED_BACKENDS = ["filesystem", "memcached", "redis", "sqlite", "postgresql"]
+SHARED_BACKENDS = [
+    "filesystem",
+    "memcached",
+    "redis",
+    "redis-sentinel",
+    "redis-cluster",
+    "sqlite",
+    "postgresql",
+    "manager",
+]
 SQL_BACKENDS = ["sqlite", "postgresql"]
 
 
@@ -57,6 +70,28 @@ def redis_server():
     server.remove()
 
 
+@pytest.fixture(scope="session")
+def manager_server():
+    """One counter manager for the session, on a Unix socket in a temporary directory."""
+    server = Manager().start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture(scope="session")
+def sentinel_topology():
+    topology = SentinelTopology().start()
+    yield topology
+    topology.remove()
+
+
+@pytest.fixture(scope="session")
+def cluster_topology():
+    topology = ClusterTopology().start()
+    yield topology
+    topology.remove()
+
+
 @pytest.fixture
 def store_settings(request, tmp_path):
     """Settings for one backend, isolated per test (own directory or own key prefix)."""
@@ -70,8 +105,17 @@ def store_settings(request, tmp_path):
         }
         if backend == "memcached":
             settings["CACHE_MEMCACHED_SERVERS"] = [request.getfixturevalue("memcached_server").address]
+        if backend == "manager":  # one manager for all: tests keep apart by their counter names
+            settings.update(request.getfixturevalue("manager_server").settings())
         if backend == "redis":
             settings["CACHE_REDIS_URL"] = request.getfixturevalue("redis_server").url
+        if backend == "redis-sentinel":
+            settings["CACHE_REDIS_SENTINELS"] = request.getfixturevalue(
+                "sentinel_topology"
+            ).sentinel_addresses
+            settings["CACHE_REDIS_SENTINEL_MASTER"] = MASTER_NAME
+        if backend == "redis-cluster":
+            settings["CACHE_REDIS_CLUSTER"] = request.getfixturevalue("cluster_topology").startup_nodes
         if backend in SQL_BACKENDS:
             settings["COUNTER_STORE"] = "sql"
             settings["SQLALCHEMY_DATABASE_URI"] = (

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -196,6 +197,72 @@ class Memcached(Server):
         ]
 
 
+class Manager(Server):
+    """A counter manager (``python -m tally.stores.manager``, COUNTER_STORE = "manager") on a Unix
+    socket in a temporary directory of its own (``tcp``: on a free loopback port), with a key of its
+    own and, with ``snapshot``, a snapshot file written every ``snapshot_interval`` s.  ``stop`` is
+    SIGTERM (the final snapshot is written), ``crash`` SIGKILL; ``start`` again after either."""
+
+    def __init__(self, *, tcp: bool = False, snapshot: bool = False, snapshot_interval: float = 1.0) -> None:
+        super().__init__("manager")
+        self.tcp = tcp
+        self.directory = tempfile.mkdtemp(prefix="tally-manager-")
+        self.socket_path = os.path.join(self.directory, "manager.sock")
+        self.authkey = "k" + secrets.token_hex(32)  # a letter first: FLASK_* values parse as JSON
+        self.snapshot = os.path.join(self.directory, "snapshot.json") if snapshot else None
+        self.snapshot_interval = snapshot_interval
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}" if self.tcp else self.socket_path
+
+    def settings(self) -> dict:
+        return {
+            "COUNTER_STORE": "manager",
+            "COUNTER_MANAGER_ADDRESS": self.address,
+            "COUNTER_MANAGER_AUTHKEY": self.authkey,
+        }
+
+    def command(self) -> list[str]:
+        command = [sys.executable, "-m", "tally.stores.manager", self.address]
+        if self.snapshot:
+            command += ["--snapshot", self.snapshot, "--snapshot-interval", str(self.snapshot_interval)]
+        return command
+
+    def start(self) -> Manager:
+        from tally.stores.manager import answers
+
+        with open(os.path.join(self.directory, "manager.log"), "ab") as log:
+            self.process = subprocess.Popen(
+                self.command(), stdin=subprocess.PIPE, stdout=log, stderr=log, cwd=ROOT
+            )
+        assert self.process.stdin is not None
+        self.process.stdin.write(self.authkey.encode().hex().encode() + b"\n")
+        self.process.stdin.close()
+        deadline = time.monotonic() + 15
+        while not answers(self.address, timeout=0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the counter manager did not serve {self.address}: {self.log_text()}")
+            time.sleep(0.02)
+        return self
+
+    def crash(self) -> None:
+        """SIGKILL: no final snapshot, the socket file stays behind (stale)."""
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def log_text(self) -> str:
+        with open(os.path.join(self.directory, "manager.log"), encoding="utf-8", errors="replace") as log:
+            return log.read()
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 class Redis(Server):
     """redis-server with an AOF; ``appendfsync="always"`` (tests) keeps every acknowledged write
     across a kill, ``"everysec"`` (benchmarks) is Redis's usual production setting."""
@@ -249,8 +316,10 @@ class Gunicorn(Server):
         app: str = "app:app",
         use_project_config: bool = True,
         instance_path: str | None = None,
+        worker_class: str | None = None,
     ) -> None:
         super().__init__("gunicorn")
+        self.worker_class = worker_class  # None: gthread (sync with one thread); "gevent"
         self.env = env
         self.workers = workers
         self.threads = threads
@@ -267,7 +336,8 @@ class Gunicorn(Server):
         base = [sys.executable, "-m", "gunicorn"]
         if self.use_project_config:
             return [*base, "-c", str(ROOT / "gunicorn.conf.py"), self.app]
-        return [*base, "-c", str(ROOT / "tests" / "naive_gunicorn.conf.py"), self.app]
+        naive = [*base, "-c", str(ROOT / "tests" / "naive_gunicorn.conf.py"), self.app]
+        return naive + (["--worker-class", self.worker_class] if self.worker_class else [])
 
     def start(self) -> Gunicorn:
         env = {
@@ -276,6 +346,7 @@ class Gunicorn(Server):
             "TALLY_WORKERS": str(self.workers),
             "TALLY_THREADS": str(self.threads),
             "TALLY_INSTANCE_PATH": self.instance_path,
+            **({"TALLY_WORKER_CLASS": self.worker_class} if self.worker_class else {}),
             **self.env,
         }
         os.makedirs(self.instance_path, exist_ok=True)
@@ -337,11 +408,13 @@ class DevServer(Gunicorn):
     (``model`` is "threaded" or "processes=N"), as the seed thread suggests."""
 
     def __init__(self, env: dict[str, str], model: str, **options) -> None:
-        super().__init__({**env, "PYTHONPATH": str(ROOT)}, **options)
+        super().__init__(env, **options)
+        paths = [str(ROOT)] if self.app == "app:app" else [str(ROOT), str(ROOT / "tests")]  # naive apps
+        self.env = {**env, "PYTHONPATH": os.pathsep.join(paths)}
         self.model = model
 
     def command(self) -> list[str]:
-        return [sys.executable, str(ROOT / "tests" / "dev_server.py"), str(self.port), self.model]
+        return [sys.executable, str(ROOT / "tests" / "dev_server.py"), str(self.port), self.model, self.app]
 
 
 def postgres_binary(name: str) -> str:

@@ -209,18 +209,14 @@ def files_under(root: Path) -> dict[str, str]:
     return found
 
 
-def redis_items(url: str, prefix: str) -> dict[bytes, tuple[bytes | None, int]]:
-    """Keys under ``prefix`` with their value and expiry time (absolute: a write would move it)."""
-    import redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        return {
-            key: (client.get(key), client.execute_command("EXPIRETIME", key))
-            for key in client.scan_iter(f"{prefix}*")
-        }
-    finally:
-        client.close()
+def redis_items(primaries, prefix: str) -> dict[bytes, tuple[bytes | None, int]]:
+    """Keys under ``prefix`` on every primary (one, or each shard of a cluster), with their value and
+    expiry time (absolute: a write would move it)."""
+    return {
+        key: (client.get(key), client.execute_command("EXPIRETIME", key))
+        for client in primaries
+        for key in client.scan_iter(f"{prefix}*")
+    }
 
 
 def sql_rows(store) -> dict[str, list[tuple]]:
@@ -253,11 +249,15 @@ def snapshot(app, backend: str, root: Path, memcached_server=None):
         state["sql"] = sql_rows(store)
     if backend == "memory":
         state["memory"] = (dict(store._values), dict(store._shared))
-    elif backend == "redis":
-        state["redis"] = redis_items(app.config["CACHE_REDIS_URL"], app.config["COUNTER_KEY_PREFIX"])
+    elif backend.startswith("redis"):  # the store's own clients of its primaries
+        state["redis"] = redis_items(store._primaries(), app.config["COUNTER_KEY_PREFIX"])
+        assert state["redis"], "the fixture's counters are on the primaries"
     elif backend == "memcached":
         items = memcached_server.items(app.config["COUNTER_KEY_PREFIX"])
         state["memcached"] = {key: (facts["exp"], facts["cas"]) for key, facts in items.items()}
+    elif backend == "manager":  # every entry under the test's prefix, expiries and versions included
+        state["manager"] = store.items()
+        assert state["manager"]["counters"], "the fixture's counters are in the manager"
     return state
 
 

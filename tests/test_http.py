@@ -906,7 +906,8 @@ def test_the_page_lists_the_last_ten_visitors_once_each_newest_first(fs_app):
 def test_the_page_names_the_store_and_loads_nothing_from_elsewhere(make_app, store_settings, backend):
     page = make_app(store_settings(backend)).test_client().get("/").get_data(as_text=True)
     names = {"filesystem": "filesystem", "memory": "memory", "memcached": "memcached", "redis": "redis"}
-    names.update(sqlite="sql", postgresql="sql")
+    names.update({"redis-sentinel": "redis-sentinel", "redis-cluster": "redis-cluster"})
+    names.update(sqlite="sql", postgresql="sql", manager="manager")
     assert f"<strong>{names[backend]}</strong> store" in page
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # no CDN: the machine may be offline
     assert '<html lang="en">' in page and "<main>" in page

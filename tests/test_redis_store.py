@@ -59,3 +59,21 @@ def test_a_closed_port_fails_at_once_with_store_unavailable():
         store.add("x", 1)
     with pytest.raises(StoreUnavailable):
         store.health()
+
+
+def test_a_step_no_replica_confirms_is_outcome_unknown_not_a_number(redis_server, raw):
+    """The test server has no replica: with min_replicas 1 the primary applies the step, WAIT comes
+    back short within the timeout, and the caller gets ReplicationUnconfirmed (a 503), never 1."""
+    import time
+
+    from tally import ReplicationUnconfirmed
+
+    store = RedisCounterStore(redis_server.url, key_prefix="wait1:", timeout=0.3, min_replicas=1)
+    began = time.monotonic()
+    with pytest.raises(ReplicationUnconfirmed, match="0 of the 1 replicas"):
+        store.add("c", 1)
+    assert time.monotonic() - began < 0.6
+    assert raw.get("wait1:c") == b"1"  # applied on the primary: the outcome is unknown, not undone
+    with pytest.raises(ReplicationUnconfirmed):
+        store.update_value("v", lambda current: b"x")
+    assert store.get("c") == 1  # reads do not wait

@@ -1,8 +1,11 @@
 """Every server model of the seed thread, and what happens to workers that are told to stop.
 
-``app.run(threaded=True)`` and ``app.run(processes=4)`` (Werkzeug's forking server: a fork per
-request, its memory thrown away after the response) on every store: the shared stores stay exact,
-the memory store refuses rather than count in a process that forgets.
+``app.run(threaded=True)``, ``app.run(processes=4)`` (Werkzeug's forking server: a fork per request, its
+memory thrown away after the response), ``flask run --with-threads`` and gunicorn's gevent worker
+(TALLY_WORKER_CLASS=gevent) on every store, a few hundred requests each: the shared stores stay exact,
+the memory store refuses rather than count in a process that forgets.  gunicorn gthread 4x8 runs in
+tests/test_concurrency.py (100 x 30); the larger matrix, naive variants included, is ``make
+race-report``; what gevent does to each store's client is tests/test_gevent.py.
 """
 
 from __future__ import annotations
@@ -18,17 +21,24 @@ import pytest
 
 from tally.loadcheck import run_load
 from tests.conftest import SHARED_BACKENDS, settings_env
-from tests.servers import ROOT, DevServer, Gunicorn, child_pids, process_state
+from tests.servers import ROOT, DevServer, FlaskDevServer, Gunicorn, child_pids, process_state
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def dev_server():
-    started: list[DevServer] = []
+    """Start a server of one model ("threaded", "processes=N", "flask run", "gevent": gunicorn's gevent
+    worker, 4 workers unless told); each is stopped by its pid afterwards."""
+    started: list[Gunicorn] = []
 
-    def start(env: dict[str, str], model: str) -> DevServer:
-        server = DevServer(env, model)
+    def start(env: dict[str, str], model: str, **options) -> Gunicorn:
+        if model == "flask run":
+            server: Gunicorn = FlaskDevServer(env, **options)
+        elif model == "gevent":
+            server = Gunicorn(env, worker_class="gevent", **{"workers": 4, **options})
+        else:
+            server = DevServer(env, model, **options)
         started.append(server)
         return server.start()
 
@@ -47,13 +57,40 @@ def post(server, path: str) -> tuple[int, dict]:
         connection.close()
 
 
-@pytest.mark.parametrize("model", ["threaded", "processes=4"])
+@pytest.mark.parametrize("model", ["threaded", "processes=4", "flask run", "gevent"])
 @pytest.mark.parametrize("backend", SHARED_BACKENDS)
-def test_werkzeug_server_models_stay_exact_on_shared_stores(dev_server, store_settings, backend, model):
+def test_every_server_model_stays_exact_on_shared_stores(dev_server, store_settings, backend, model):
     server = dev_server(settings_env(store_settings(backend)), model)
     report = run_load(f"{server.url}/api/counters/dev/incr", clients=20, requests=10, keepalive=False)
     assert report.errors == {} and report.ok == 200, (report.statuses, report.errors)
     assert report.exact(start=0)
+
+
+@pytest.mark.parametrize("model", ["flask run", "gevent"])
+def test_the_memory_store_is_exact_in_one_process_of_threads_or_greenlets(dev_server, store_settings, model):
+    server = dev_server(settings_env(store_settings("memory")), model, workers=1)
+    report = run_load(f"{server.url}/api/counters/one/incr", clients=20, requests=10, keepalive=False)
+    assert report.ok == 200 and report.exact(start=0)
+
+
+def test_the_memory_store_refuses_several_gevent_workers(store_settings):
+    server = Gunicorn(settings_env(store_settings("memory")), workers=2, worker_class="gevent")
+    try:
+        with pytest.raises(RuntimeError):
+            server.start()
+        server.process.wait(timeout=10)
+        assert "the memory store keeps counters inside one process" in server.log_text()
+    finally:
+        server.stop()
+
+
+def test_a_global_variable_loses_the_race_under_gevent_workers(dev_server):
+    """The naive counterpart of the gevent rows: greenlets of one worker never interleave inside
+    ``param += 1``, but four workers each count on their own."""
+    server = dev_server({}, "gevent", app="naive_app:app", use_project_config=False)
+    report = run_load(f"{server.url}/global/g/incr", clients=40, requests=10, keepalive=False)
+    assert report.ok == 400
+    assert report.duplicates > 0
 
 
 def test_the_memory_store_refuses_a_fork_per_request_rather_than_count_wrong(dev_server, store_settings):

@@ -122,7 +122,7 @@ def test_concurrent_updates_lose_nothing(ctx):
 
 def test_a_function_retried_after_a_conflict_sees_the_newer_value(ctx, backend):
     """On optimistic stores ``fn`` may run more than once: it must be pure; this shows why."""
-    optimistic = backend in ("memcached", "redis")
+    optimistic = backend in ("memcached", "redis", "manager")
     seen: list = []
 
     def sneaky(value):
@@ -137,7 +137,7 @@ def test_a_function_retried_after_a_conflict_sees_the_newer_value(ctx, backend):
 
 
 def test_endless_conflicts_end_in_a_conflict_error(ctx, backend):
-    if backend not in ("memcached", "redis"):
+    if backend not in ("memcached", "redis", "manager"):
         pytest.skip("the lock-based stores never conflict")
     shared.set_value("hot", 0)
 

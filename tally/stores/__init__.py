@@ -47,6 +47,36 @@ def _redis(config: Mapping[str, Any], instance_path: str) -> CounterStore:
         key_prefix=config["COUNTER_KEY_PREFIX"],
         timeout=config["COUNTER_TIMEOUT"],
         pool_size=config["COUNTER_POOL_SIZE"],
+        min_replicas=config["COUNTER_MIN_REPLICAS"],
+    )
+
+
+def _redis_sentinel(config: Mapping[str, Any], instance_path: str) -> CounterStore:
+    from .redis_sentinel import RedisSentinelCounterStore
+
+    return RedisSentinelCounterStore(
+        config["CACHE_REDIS_SENTINELS"],
+        config["CACHE_REDIS_SENTINEL_MASTER"],
+        password=config["CACHE_REDIS_PASSWORD"],
+        sentinel_password=config["CACHE_REDIS_SENTINEL_PASSWORD"],
+        db=config["CACHE_REDIS_DB"],
+        key_prefix=config["COUNTER_KEY_PREFIX"],
+        timeout=config["COUNTER_TIMEOUT"],
+        pool_size=config["COUNTER_POOL_SIZE"],
+        min_replicas=config["COUNTER_MIN_REPLICAS"],
+    )
+
+
+def _redis_cluster(config: Mapping[str, Any], instance_path: str) -> CounterStore:
+    from .redis_cluster import RedisClusterCounterStore
+
+    return RedisClusterCounterStore(
+        config["CACHE_REDIS_CLUSTER"],
+        password=config["CACHE_REDIS_PASSWORD"],
+        key_prefix=config["COUNTER_KEY_PREFIX"],
+        timeout=config["COUNTER_TIMEOUT"],
+        pool_size=config["COUNTER_POOL_SIZE"],
+        min_replicas=config["COUNTER_MIN_REPLICAS"],
     )
 
 
@@ -63,13 +93,28 @@ def _sql(config: Mapping[str, Any], instance_path: str) -> CounterStore:
     )
 
 
+def _manager(config: Mapping[str, Any], instance_path: str) -> CounterStore:
+    from .manager import ManagerCounterStore
+
+    return ManagerCounterStore(
+        config["COUNTER_MANAGER_ADDRESS"],
+        config["COUNTER_MANAGER_AUTHKEY"],
+        key_prefix=config["COUNTER_KEY_PREFIX"],
+        timeout=config["COUNTER_TIMEOUT"],
+        pool_size=config["COUNTER_POOL_SIZE"],
+    )
+
+
 #: Flask-Caching backend name -> builder of the counter store that goes with it.
 BACKENDS: dict[str, Callable[[Mapping[str, Any], str], CounterStore]] = {
     "FileSystemCache": _filesystem,
     "SimpleCache": _memory,
     "MemcachedCache": _memcached,
     "RedisCache": _redis,
+    "RedisSentinelCache": _redis_sentinel,
+    "RedisClusterCache": _redis_cluster,
     "sql": _sql,  # COUNTER_STORE = "sql"
+    "manager": _manager,  # COUNTER_STORE = "manager"
 }
 
 

@@ -64,6 +64,7 @@ class MemcachedCounterStore(CounterStore):
 
     backend = "memcached"
     multi_process = True
+    combines_adds = True  # a step is a round trip: concurrent ones may share it (tally.combining)
     min_value = -LIMIT
     max_value = LIMIT
 

@@ -277,6 +277,8 @@ class SqlCounterStore(CounterStore):
         else:
             self._engine = self._postgresql_engine(parsed, pool_size)
         self._driver_error = self._engine.dialect.loaded_dbapi.Error
+        # PostgreSQL: a step is a round trip, concurrent ones may share it (tally.combining).
+        self.combines_adds = self.dialect == "postgresql"
         self._writer = threading.Lock()
         self._update_locks = KeyLocks()
         self._pid = os.getpid()
