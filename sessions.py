@@ -8,10 +8,11 @@ counters live in the counter store under that id, so they stay atomic in both mo
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Flask, Request, Response, request
-from flask.sessions import SecureCookieSession, SecureCookieSessionInterface, SessionMixin
+from flask import Flask, Request, Response
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface, SessionInterface, SessionMixin
 from flask_session import Session
 
 from settings import ConfigError
@@ -60,45 +61,91 @@ def _server_session_store(app: Flask) -> tuple[dict, tuple[type[BaseException], 
     return {"SESSION_TYPE": "cachelib", "SESSION_CACHELIB": store}, ()
 
 
-#: Where a session store's error waits (in the WSGI environ) for the first before-request hook.
-SESSION_ERROR = "tally.session_error"
+class SessionOpenedOnFirstUse:
+    """The request's session, opened from its store the first time the request uses it.
 
-
-class UnreachableStoreIs503:
-    """A Flask-Session interface whose store errors become ``StoreUnavailable``: a request whose
-    session cannot be read or saved answers 503 within the store timeout, as a counter would,
-    instead of a 500 after the client's own retries.
-
-    Flask opens the session before its error handlers apply, so a failed open hands the request a
-    null session and leaves the error for ``raise_session_store_error`` to raise before any view.
+    A request that never touches ``session`` (the JSON API, health, metrics, static files) neither
+    reads nor parses the cookie, nor reads, refreshes or writes the server-side session: its session
+    stays exactly as it was.  Every dict operation and attribute (``permanent``, ``modified``, ``sid``)
+    opens the real session and goes to it.  Opening raises ``StoreUnavailable`` (503) when a
+    server-side session store does not answer, in the view that needed the session.
     """
 
-    def __init__(self, inner: Any, errors: tuple[type[BaseException], ...]) -> None:
+    __slots__ = ("_open", "opened")
+
+    def __init__(self, open_session: Callable[[], SessionMixin]) -> None:
+        object.__setattr__(self, "_open", open_session)
+        object.__setattr__(self, "opened", None)
+
+    def _session(self) -> SessionMixin:
+        opened = self.opened
+        if opened is None:
+            opened = self._open()
+            object.__setattr__(self, "opened", opened)
+        return opened
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._session(), name, value)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._session()[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._session()[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._session()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._session()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._session())
+
+    def __len__(self) -> int:
+        return len(self._session())
+
+    def __bool__(self) -> bool:
+        return bool(self._session())
+
+    def __repr__(self) -> str:
+        return f"<session opened on first use: {self.opened!r}>"
+
+
+class OpenOnFirstUse:
+    """A session interface around Flask's or Flask-Session's: ``open_session`` costs nothing, the
+    session is opened when a view first uses it, and saved only if it was opened.  ``errors``: the
+    exceptions of a server-side store's client, which become ``StoreUnavailable`` (503 within the
+    store timeout, as a counter step would, instead of a 500 after the client's own retries)."""
+
+    def __init__(self, inner: SessionInterface, errors: tuple[type[BaseException], ...] = ()) -> None:
         self._inner = inner
         self._errors = errors
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def open_session(self, app: Flask, request: Request) -> SessionMixin | None:
-        try:
-            return self._inner.open_session(app, request)
-        except self._errors as error:
-            request.environ[SESSION_ERROR] = StoreUnavailable(f"the session store did not answer: {error}")
-            return self._inner.make_null_session(app)
+    def open_session(self, app: Flask, request: Request) -> SessionOpenedOnFirstUse:
+        return SessionOpenedOnFirstUse(lambda: self._open_now(app, request))
 
-    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+    def _open_now(self, app: Flask, request: Request) -> SessionMixin:
         try:
-            self._inner.save_session(app, session, response)
+            opened = self._inner.open_session(app, request)
         except self._errors as error:
             raise StoreUnavailable(f"the session store did not answer: {error}") from error
+        return opened if opened is not None else self._inner.make_null_session(app)
 
-
-def raise_session_store_error() -> None:
-    """Before every request: the session could not be opened, so the request fails with 503."""
-    error = request.environ.pop(SESSION_ERROR, None)
-    if error is not None:
-        raise error
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        opened = session.opened if isinstance(session, SessionOpenedOnFirstUse) else session
+        if opened is None or self._inner.is_null_session(opened):
+            return  # never used by this request: left as it was
+        try:
+            self._inner.save_session(app, opened, response)
+        except self._errors as error:
+            raise StoreUnavailable(f"the session store did not answer: {error}") from error
 
 
 class SignedCookieSessions(SecureCookieSessionInterface):
@@ -121,12 +168,10 @@ def init_sessions(app: Flask) -> None:
             f"setting SESSION_BACKEND must be one of {', '.join(SESSION_BACKENDS)}; got {backend!r}"
         )
     if backend == "cookie":
-        app.session_interface = SignedCookieSessions()
+        app.session_interface = OpenOnFirstUse(SignedCookieSessions())
         return
     settings, errors = _server_session_store(app)
     app.config.update(settings)
     app.config.setdefault("SESSION_KEY_PREFIX", "tally-session:")
     Session(app)
-    if errors:
-        app.session_interface = UnreachableStoreIs503(app.session_interface, errors)
-        app.before_request(raise_session_store_error)
+    app.session_interface = OpenOnFirstUse(app.session_interface, errors)

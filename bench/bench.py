@@ -10,6 +10,11 @@
 - HTTP on memcached and Redis once more, against the raw client's increment in a bare Flask view
   (no validation, no error mapping) under the same gunicorn settings: the part of the gap to the
   bare route that is the store's round trip, which every correct shared counter pays.
+- HTTP as issue 15 measures it, in a table of its own: gunicorn ``-w 2 --threads 8 --keep-alive 5`` on
+  every side; Tally (under its gunicorn.conf.py) against a bare Flask view ``jsonify(name=name,
+  value=1)`` and against Flask-Caching's ``cache.cache.inc(name)`` route on the same Redis and
+  memcached servers (bench/peer_app.py, both under an empty gunicorn config); and, on those two
+  stores, Tally with COUNTER_COMBINE on against off, under load and for one request on an idle server.
 
 Servers run on free loopback ports and are stopped by pid.  Every loop is bounded in time and count.
 Prints a Markdown table; figures vary with the machine, ratios much less.  With matplotlib (the
@@ -247,6 +252,172 @@ def raw_route_pair(env: dict[str, str], raw_env: dict[str, str], rounds: int, se
         raw.stop()
 
 
+# -- the issue-15 comparison: gunicorn -w 2 --threads 8 --keep-alive 5 on both sides -----------------
+
+#: The same flags on every side of the 2x8 comparison.
+FLAGS_2X8 = ["-w", "2", "--threads", "8", "--keep-alive", "5", "--no-control-socket"]
+BENCH_DIR = ROOT / "bench"
+
+
+class FlaggedGunicorn(Gunicorn):
+    """gunicorn with FLAGS_2X8 on its command line.  Tally runs under the project's gunicorn.conf.py
+    (its hooks are part of how it is served); the bare and peer apps under an empty config file, so
+    that no hook of the demo's runs there (without ``-c``, gunicorn would read ./gunicorn.conf.py)."""
+
+    def __init__(self, env: dict[str, str], app: str, config: Path) -> None:
+        super().__init__(env, workers=2, threads=8, app=app)
+        self.config = config
+
+    def command(self) -> list[str]:
+        command = [sys.executable, "-m", "gunicorn", "-c", str(self.config), *FLAGS_2X8, "-b", self.address]
+        if self.app.startswith("peer_app:"):
+            command += ["--pythonpath", str(BENCH_DIR)]
+        return [*command, self.app]
+
+
+def request_latency(url: str, path: str, count: int) -> float:
+    """Median seconds of ``count`` POSTs to ``path`` sent one after the other on one keep-alive
+    connection: the latency of a request on an idle server."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    times = []
+    try:
+        for _ in range(count):
+            began = time.perf_counter()
+            connection.request("POST", path, headers={"Content-Length": "0"})
+            response = connection.getresponse()
+            response.read()
+            times.append(time.perf_counter() - began)
+            if response.status != 200:
+                raise RuntimeError(f"{url}{path} answered {response.status}")
+    finally:
+        connection.close()
+    return statistics.median(times)
+
+
+def paired_latency(first: str, second: str, path: str, rounds: int, count: int) -> tuple[float, float, float]:
+    """Idle latency of ``first`` and ``second`` (URLs), in adjacent alternated blocks of ``count``
+    requests: medians of each and of the blocks' ratio first/second."""
+    return paired(
+        lambda: request_latency(first, path, count), lambda: request_latency(second, path, count), rounds
+    )
+
+
+def http_2x8(stores: list[tuple[str, dict[str, str], str, dict[str, str] | None]], rounds: int, seconds: int):
+    """Rows of the 2x8 table.  ``stores``: (name, Tally's environment, target vs bare, the peer app's
+    environment or None).  Per store: Tally vs the bare app; Tally vs the Flask-Caching ``inc`` route
+    on the same server; on the stores that combine, Tally with COUNTER_COMBINE on vs off under load,
+    and the idle latency of one request on vs off.  Every comparison: paired, alternated runs."""
+    rows: list[tuple[str, str, str, str, str]] = []
+    scratch = Path(tempfile.mkdtemp(prefix="bench-2x8-"))  # the empty config and the counters
+    empty_config = scratch / "empty.conf.py"
+    empty_config.write_text("")
+    project_config = ROOT / "gunicorn.conf.py"
+    bare = FlaggedGunicorn({}, "peer_app:bare", empty_config)
+    started: list[Gunicorn] = [bare]
+    try:
+        bare.start()
+        for name, env, target, peer_env in stores:
+            # Counters of their own: the 4x8 table's exactness check starts again from 0 on the same servers.
+            env = {
+                **env,
+                "FLASK_COUNTER_DIR": tempfile.mkdtemp(dir=scratch),
+                "FLASK_COUNTER_KEY_PREFIX": f"http2x8-{os.getpid()}:",
+            }
+            tally = FlaggedGunicorn(env, "app:app", project_config)
+            started.append(tally)
+            tally.start()
+            check = run_load(f"{tally.url}/api/counters/exact/incr", clients=32, requests=30)
+            wrong = "" if check.passed(0) else " (VALUES WRONG)"
+            versus_bare = compare_routes(
+                (tally, COUNTER_ROUTE, "POST"), (bare, COUNTER_ROUTE, "POST"), rounds, seconds
+            )
+            rows.append(
+                (f"2x8 bare Flask view ({name} run)", f"{versus_bare['second']:,.0f} req/s", "", "", "")
+            )
+            rows.append(
+                (
+                    f"2x8 Tally POST {COUNTER_ROUTE}, {name}{wrong}",
+                    f"{versus_bare['first']:,.0f} req/s",
+                    "bare Flask view, same flags",
+                    f"{versus_bare['ratio']:.2f}x",
+                    target,
+                )
+            )
+            print(f"  2x8 {name}: {versus_bare['ratio']:.2f}x bare", file=sys.stderr)
+            if peer_env is None:
+                continue
+            peer = FlaggedGunicorn(peer_env, "peer_app:app", empty_config)
+            started.append(peer)
+            peer.start()
+            versus_peer = compare_routes(
+                (tally, COUNTER_ROUTE, "POST"), (peer, COUNTER_ROUTE, "POST"), rounds, seconds
+            )
+            peer.stop()
+            rows.append(
+                (
+                    f"2x8 Flask-Caching cache.cache.inc route, {name}",
+                    f"{versus_peer['second']:,.0f} req/s",
+                    "",
+                    "",
+                    "",
+                )
+            )
+            rows.append(
+                (
+                    f"2x8 Tally POST {COUNTER_ROUTE}, {name}",
+                    f"{versus_peer['first']:,.0f} req/s",
+                    "Flask-Caching inc route, same store and flags",
+                    f"{versus_peer['ratio']:.2f}x",
+                    ">= 1.0x",
+                )
+            )
+            print(f"  2x8 {name}: {versus_peer['ratio']:.2f}x Flask-Caching inc", file=sys.stderr)
+            off = FlaggedGunicorn({**env, "FLASK_COUNTER_COMBINE": "false"}, "app:app", project_config)
+            started.append(off)
+            off.start()
+            on_off = compare_routes(
+                (tally, COUNTER_ROUTE, "POST"), (off, COUNTER_ROUTE, "POST"), rounds, seconds
+            )
+            rows.append(
+                (f"2x8 Tally, {name}, COUNTER_COMBINE off", f"{on_off['second']:,.0f} req/s", "", "", "")
+            )
+            rows.append(
+                (
+                    f"2x8 Tally, {name}, COUNTER_COMBINE on (32 connections)",
+                    f"{on_off['first']:,.0f} req/s",
+                    "COUNTER_COMBINE off, under load",
+                    f"{on_off['ratio']:.2f}x",
+                    "> 1.0x to keep it",
+                )
+            )
+            on_us, off_us, latency_ratio = paired_latency(tally.url, off.url, COUNTER_ROUTE, rounds, 300)
+            off.stop()
+            rows.append(
+                (
+                    f"2x8 Tally, {name}, one request on an idle server, COUNTER_COMBINE on",
+                    f"{on_us * 1e6:,.0f} us",
+                    f"COUNTER_COMBINE off: {off_us * 1e6:,.0f} us",
+                    f"{latency_ratio:.2f}x",
+                    "<= 1.05x (no idle cost)",
+                )
+            )
+            print(
+                f"  2x8 {name}: combining {on_off['ratio']:.2f}x under load,"
+                f" {latency_ratio:.2f}x idle latency",
+                file=sys.stderr,
+            )
+            tally.stop()
+    finally:
+        for server in started:
+            server.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return rows
+
+
 def machine() -> str:
     """The machine the figures come from: cores, CPU model, Python, and today's date."""
     model = platform.machine()
@@ -310,6 +481,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="shorter runs (noisier figures)")
     parser.add_argument("--only", default="filesystem,memory,memcached,redis,sqlite,postgresql")
     parser.add_argument(
+        "--parts",
+        default="helpers,http4x8,http2x8",
+        help="helpers (store steps), http4x8 (the 4x8 HTTP table), http2x8 (the -w 2 --threads 8 table)",
+    )
+    parser.add_argument(
         "--chart",
         type=Path,
         default=None,
@@ -319,9 +495,11 @@ def main() -> int:
     chart = args.chart or (None if args.quick else CHART)
     chart_ratios: list[tuple[str, float, float | None, float]] = []
     only = set(args.only.split(","))
+    parts = set(args.parts.split(","))
     seconds = 0.5 if args.quick else 1.5
     rounds, http_seconds = (2, 1) if args.quick else (10, 1)
     rows: list[tuple[str, str, str, str, str]] = []
+    rows_2x8: list[tuple[str, str, str, str, str]] = []
 
     def row(what: str, figure: float, unit: str, compared: str = "", ratio: str = "", target: str = ""):
         rows.append((what, f"{figure:,.0f} {unit}", compared, ratio, target))
@@ -332,7 +510,7 @@ def main() -> int:
     redis_server = Redis(appendfsync="everysec").start() if "redis" in only else None
     postgres = Postgres().start() if "postgresql" in only else None
     try:
-        if "filesystem" in only:
+        if "filesystem" in only and "helpers" in parts:
             fs = FileCounterStore(tempfile.mkdtemp(prefix="bench-fs-"))
             row(
                 "filesystem helper incr, 1 process",
@@ -350,7 +528,7 @@ def main() -> int:
                 rate(lambda: fs.update_value("v", append_one), seconds),
                 "ops/s",
             )
-        if "memory" in only:
+        if "memory" in only and "helpers" in parts:
             memory = MemoryCounterStore()
             row(
                 "memory helper incr, 1 process (one process only)",
@@ -362,7 +540,7 @@ def main() -> int:
                 rate(lambda: memory.update_value("v", append_one), seconds),
                 "ops/s",
             )
-        if memcached is not None:
+        if memcached is not None and "helpers" in parts:
             store = MemcachedCounterStore([memcached.address], key_prefix="bench:")
             # The client the store wraps (pymemcache, with the same socket options), and pylibmc, the
             # C client it replaced (see tally/stores/memcached_client.py), for reference.
@@ -390,7 +568,7 @@ def main() -> int:
                 rate(lambda: store.update_value("v", append_one), seconds),
                 "ops/s",
             )
-        if redis_server is not None:
+        if redis_server is not None and "helpers" in parts:
             store = RedisCounterStore(redis_server.url, key_prefix="bench:")
             raw = redis.Redis.from_url(redis_server.url)
             helper_rate, raw_rate, ratio = interleaved(
@@ -410,7 +588,7 @@ def main() -> int:
                 rate(lambda: store.update_value("v", append_one), seconds),
                 "ops/s",
             )
-        if "sqlite" in only or postgres is not None:
+        if ("sqlite" in only or postgres is not None) and "helpers" in parts:
             sql_rows(row, interleaved, four_processes, seconds, postgres, sqlite="sqlite" in only)
         http_stores = []  # (name, Tally's environment, target, the raw-client app's environment)
         if "filesystem" in only:
@@ -452,7 +630,23 @@ def main() -> int:
             http_stores.append(
                 ("postgresql", {**sql_http, "FLASK_SQLALCHEMY_DATABASE_URI": postgres.url}, ">= 0.75x", None)
             )
-        for name, env, target, raw_env in http_stores:
+        if "http2x8" in parts:
+            # Peers on the same servers as Tally (their own key prefix): Flask-Caching's inc route.
+            peers = {}
+            if memcached is not None:
+                peers["memcached"] = {
+                    "PEER_CACHE_TYPE": "MemcachedCache",
+                    "PEER_MEMCACHED_SERVERS": memcached.address,
+                }
+            if redis_server is not None:
+                peers["redis"] = {"PEER_CACHE_TYPE": "RedisCache", "PEER_REDIS_URL": redis_server.url}
+            stores_2x8 = [
+                (name, env, target, peers.get(name))
+                for name, env, target, _ in http_stores
+                if name in ("filesystem", "memcached", "redis")
+            ]
+            rows_2x8 = http_2x8(stores_2x8, rounds, http_seconds)
+        for name, env, target, raw_env in http_stores if "http4x8" in parts else []:
             env = {**env, "FLASK_COUNTER_DIR": tempfile.mkdtemp(prefix="bench-http-")}
             result, exact = http_pair(env, rounds, http_seconds)
             wrong = "" if exact else " (VALUES WRONG)"
@@ -515,6 +709,18 @@ def main() -> int:
     print("| --- | ---: | --- | ---: | --- |")
     for cells in rows:
         print("| " + " | ".join(cells) + " |")
+    if rows_2x8:
+        print(
+            f"\nHTTP as in issue 15: gunicorn {' '.join(FLAGS_2X8[:6])} on every side (Tally under its"
+            " gunicorn.conf.py, the bare and Flask-Caching apps (bench/peer_app.py) under an empty config),"
+            f" {'wrk' if shutil.which('wrk') else 'Python clients'} with 32 keep-alive connections,"
+            f" medians of {rounds} alternated pairs of {http_seconds} s runs; idle latency: medians of"
+            f" {rounds} alternated blocks of 300 sequential requests on one connection\n"
+        )
+        print("| measurement | figure | compared with | ratio | target |")
+        print("| --- | ---: | --- | ---: | --- |")
+        for cells in rows_2x8:
+            print("| " + " | ".join(cells) + " |")
     if chart is not None and chart_ratios:
         try:
             write_chart(chart_ratios, rounds, chart)

@@ -50,7 +50,9 @@ def sentinel_rows(row, interleaved, seconds: float, topology: SentinelTopology) 
         if replicas:
             references.append(("redis-py incrby + WAIT 1, one round trip", raw_wait, ">= 0.90x"))
         for reference, raw_step, target in references:
-            helper_rate, raw_rate, ratio = interleaved(lambda store=store: store.add("c", 1), raw_step, seconds)
+            helper_rate, raw_rate, ratio = interleaved(
+                lambda store=store: store.add("c", 1), raw_step, seconds
+            )
             row(f"redis-sentinel raw {reference} (median call)", raw_rate, "ops/s")
             row(
                 f"redis-sentinel helper incr, COUNTER_MIN_REPLICAS={replicas} (median call)",

@@ -16,8 +16,13 @@ def read_body() -> bytes:
     server dechunks it: ``wsgi.input_terminated``) it cuts at the limit without a word, and acting on
     a truncated body would be wrong.  So such a body is read here, one byte past the limit.
     """
+    environ = request.environ
+    if environ.get("CONTENT_LENGTH") in (None, "", "0") and "wsgi.input_terminated" not in environ:
+        # The common case of the counter routes, decided from the environ alone: no declared length
+        # and no dechunked stream is an empty body (as Werkzeug reads it), with no parsing of headers.
+        return b""
     if request.content_length == 0:
-        return b""  # the common case of the counter routes: no body at all
+        return b""
     if request.content_length is not None or "wsgi.input_terminated" not in request.environ:
         return request.get_data(cache=True)
     limit = current_app.config["MAX_CONTENT_LENGTH"]

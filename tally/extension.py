@@ -8,6 +8,7 @@ from typing import Any
 from flask import Flask, current_app
 
 from . import metrics
+from .combining import Combiner, store_combines
 from .config import ConfigError, store_settings
 from .errors import InvalidAmount, StoreUnavailable, TallyError
 from .names import client_key, validate_name
@@ -16,6 +17,9 @@ from .stores import INT64_MAX, CounterStore, build_store
 EXTENSION_KEY = "tally"
 #: The resolved settings the store was built with (backend, servers, COUNTER_* keys).
 SETTINGS_KEY = "tally.settings"
+#: What ``Counters.incr``/``decr`` call: the store's ``add``, or a ``Combiner``'s (COUNTER_COMBINE on a
+#: store that asks for it, see ``tally.combining``).
+ADD_KEY = "tally.add"
 
 
 def set_up_store(app: Flask, cache: Any = None) -> CounterStore:
@@ -37,6 +41,8 @@ def set_up_store(app: Flask, cache: Any = None) -> CounterStore:
     store = build_store(settings, app.instance_path)
     app.extensions[SETTINGS_KEY] = settings
     app.extensions[EXTENSION_KEY] = store
+    combine = settings["COUNTER_COMBINE"] and store_combines(store)
+    app.extensions[ADD_KEY] = Combiner(store.add).add if combine else store.add
     return store
 
 
@@ -94,14 +100,18 @@ class Counters(_Extension):
         return current_app.extensions[EXTENSION_KEY]
 
     def incr(self, name: str, by: int = 1) -> int:
-        """Add ``by`` (1 .. 2**63-1) to counter ``name`` and return the new value."""
-        store = self.store
-        return metrics.measure(store, "incr", validate_name(name), store.add, _check_amount(by))
+        """Add ``by`` (1 .. 2**63-1) to counter ``name`` and return the new value.  Concurrent calls
+        on one counter may share one store step (COUNTER_COMBINE, ``tally.combining``); each is still
+        counted and timed as its own step."""
+        extensions = current_app.extensions
+        key, amount = validate_name(name), _check_amount(by)
+        return metrics.measure(extensions[EXTENSION_KEY], "incr", key, extensions[ADD_KEY], amount)
 
     def decr(self, name: str, by: int = 1) -> int:
         """Subtract ``by`` from counter ``name`` and return the new value (may go below zero)."""
-        store = self.store
-        return metrics.measure(store, "decr", validate_name(name), store.add, -_check_amount(by))
+        extensions = current_app.extensions
+        key, amount = validate_name(name), -_check_amount(by)
+        return metrics.measure(extensions[EXTENSION_KEY], "decr", key, extensions[ADD_KEY], amount)
 
     def get(self, name: str) -> int:
         """The current value of ``name``; 0 for a counter never written."""

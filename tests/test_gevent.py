@@ -189,3 +189,46 @@ def test_a_hung_store_answers_503_within_the_timeout_under_gevent(gevent_server,
         assert CONCURRENT * 5 < after.values[0] <= CONCURRENT * 6 + 1
     finally:
         store.remove()
+
+
+def test_a_hung_page_cache_never_blocks_a_gevent_worker(gevent_server):
+    """The leaderboard's page-cache calls go through Flask-Caching's MemcachedCache, i.e. pylibmc, a C
+    client that blocks the hub for its own ~5 s timeout when memcached hangs.  They run in gevent's
+    pool of real threads: while one leaderboard request waits on the hung server, the same worker
+    answers /livez at once (without that, /livez waited 4.7 s)."""
+    store = own_store("memcached")
+    try:
+        server = gevent_server(network_settings("memcached", store, store.address, 0.5))
+        assert (
+            run_load(
+                f"{server.url}/api/leaderboard", method="GET", clients=1, requests=1, integer_values=False
+            ).ok
+            == 1
+        )
+        store.pause()
+        try:
+            board: dict = {}
+            waiting = threading.Thread(
+                target=lambda: board.update(
+                    report=run_load(
+                        f"{server.url}/api/leaderboard",
+                        method="GET",
+                        clients=1,
+                        requests=1,
+                        integer_values=False,
+                        timeout=30,
+                    )
+                )
+            )
+            waiting.start()
+            time.sleep(0.2)  # the leaderboard request is now in the worker, on the hung server
+            began = time.monotonic()
+            live = run_load(f"{server.url}/livez", method="GET", clients=1, requests=1, integer_values=False)
+            livez_took = time.monotonic() - began
+            waiting.join(timeout=60)
+        finally:
+            store.resume()
+        assert live.ok == 1 and livez_took < 1.0, livez_took
+        assert set(board["report"].statuses) <= {200, 503}, board["report"].statuses
+    finally:
+        store.remove()
