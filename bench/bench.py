@@ -4,6 +4,9 @@
   counter; next to it the raw client's own increment (pylibmc ``incr``, redis-py ``incrby``), the two
   called in turn and timed call by call (medians);
 - the shared-value ``update`` per store;
+- the manager store's step next to the filesystem store's (1 and 4 processes); on Redis Sentinel, the
+  helper's step with ``COUNTER_MIN_REPLICAS`` 0 and 1 next to redis-py's ``INCRBY`` (and ``INCRBY`` +
+  ``WAIT 1`` in one round trip: bench/topology_bench.py);
 - HTTP: ``POST /api/counters/<name>/incr`` against the bare ``GET /livez`` in the same gunicorn
   configuration (4 workers x 8 threads), per shared store, driven by wrk (Python clients where wrk is
   missing) in alternated pairs of runs; the ratio is the median of the pairs' ratios;
@@ -47,6 +50,7 @@ import pylibmc  # noqa: E402
 import redis  # noqa: E402
 from pymemcache.client.base import Client as PymemcacheClient  # noqa: E402
 from sql_bench import sql_rows  # noqa: E402
+from topology_bench import http_environments, sentinel_rows, start_topologies  # noqa: E402
 
 from tally.loadcheck import run_load  # noqa: E402
 from tally.stores.filesystem import FileCounterStore  # noqa: E402
@@ -54,7 +58,7 @@ from tally.stores.memcached import MemcachedCounterStore  # noqa: E402
 from tally.stores.memcached_client import parse_address  # noqa: E402
 from tally.stores.memory import MemoryCounterStore  # noqa: E402
 from tally.stores.redis_store import RedisCounterStore  # noqa: E402
-from tests.servers import Gunicorn, Memcached, Postgres, Redis  # noqa: E402
+from tests.servers import Gunicorn, Manager, Memcached, Postgres, Redis  # noqa: E402
 
 MAX_OPS = 5_000_000
 CHART = ROOT / "docs" / "bench-http.png"
@@ -126,6 +130,39 @@ def interleaved(helper: Callable[[], object], raw: Callable[[], object], seconds
     helper_median = statistics.median(helper_times)
     raw_median = statistics.median(raw_times)
     return 1 / helper_median, 1 / raw_median, raw_median / helper_median
+
+
+def manager_rows(row, seconds: float, server: Manager) -> None:
+    """The manager store's step next to the filesystem store's, in one process and in four on one
+    counter (the issue's comparison: both are the zero-install answers for one host)."""
+    from tally.stores.manager import ManagerCounterStore
+
+    def make_store() -> ManagerCounterStore:
+        return ManagerCounterStore(server.address, server.authkey.encode(), key_prefix="bench:", timeout=5.0)
+
+    store = make_store()
+    fs = FileCounterStore(tempfile.mkdtemp(prefix="bench-fs-vs-manager-"))
+    manager_rate, fs_rate = rate(lambda: store.add("c", 1), seconds), rate(lambda: fs.add("c", 1), seconds)
+    row(
+        "manager helper incr, 1 process",
+        manager_rate,
+        "ops/s",
+        "filesystem helper incr",
+        f"{manager_rate / fs_rate:.2f}x",
+    )
+    manager_four = four_processes(make_store, seconds)
+    fs_four = four_processes(
+        partial(FileCounterStore, tempfile.mkdtemp(prefix="bench-fs4-vs-manager-")), seconds
+    )
+    row(
+        "manager helper incr, 4 processes, one counter",
+        manager_four,
+        "ops/s (sum)",
+        "filesystem, the same",
+        f"{manager_four / fs_four:.2f}x",
+    )
+    row("manager update (shared value)", rate(lambda: store.update_value("v", append_one), seconds), "ops/s")
+    store.close()
 
 
 def append_one(data: bytes | None) -> bytes:
@@ -479,7 +516,10 @@ def write_chart(ratios: list[tuple[str, float, float | None, float]], rounds: in
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs (noisier figures)")
-    parser.add_argument("--only", default="filesystem,memory,memcached,redis,sqlite,postgresql")
+    parser.add_argument(
+        "--only",
+        default="filesystem,memory,memcached,redis,redis-sentinel,redis-cluster,sqlite,postgresql,manager",
+    )
     parser.add_argument(
         "--parts",
         default="helpers,http4x8,http2x8",
@@ -509,6 +549,8 @@ def main() -> int:
     memcached = Memcached(threads=1).start() if "memcached" in only else None
     redis_server = Redis(appendfsync="everysec").start() if "redis" in only else None
     postgres = Postgres().start() if "postgresql" in only else None
+    manager_server = Manager().start() if "manager" in only else None
+    sentinel, cluster = start_topologies(only)
     try:
         if "filesystem" in only and "helpers" in parts:
             fs = FileCounterStore(tempfile.mkdtemp(prefix="bench-fs-"))
@@ -590,6 +632,10 @@ def main() -> int:
             )
         if ("sqlite" in only or postgres is not None) and "helpers" in parts:
             sql_rows(row, interleaved, four_processes, seconds, postgres, sqlite="sqlite" in only)
+        if sentinel is not None and "helpers" in parts:
+            sentinel_rows(row, interleaved, seconds, sentinel)
+        if manager_server is not None and "helpers" in parts:
+            manager_rows(row, seconds, manager_server)
         http_stores = []  # (name, Tally's environment, target, the raw-client app's environment)
         if "filesystem" in only:
             http_stores.append(("filesystem", {"FLASK_CACHE_TYPE": "FileSystemCache"}, ">= 0.85x", None))
@@ -630,6 +676,10 @@ def main() -> int:
             http_stores.append(
                 ("postgresql", {**sql_http, "FLASK_SQLALCHEMY_DATABASE_URI": postgres.url}, ">= 0.75x", None)
             )
+        if manager_server is not None:  # at the default socket: gunicorn's master starts the manager
+            http_stores.append(("manager", {"FLASK_COUNTER_STORE": "manager"}, "", None))
+        for name, env in http_environments(sentinel, cluster, f"http{os.getpid()}"):
+            http_stores.append((name, env, "", None))
         if "http2x8" in parts:
             # Peers on the same servers as Tally (their own key prefix): Flask-Caching's inc route.
             peers = {}
@@ -669,7 +719,8 @@ def main() -> int:
                 target,
             )
             if raw_env is None:
-                chart_ratios.append((name, result["ratio"], None, float(target.split()[1].rstrip("x"))))
+                if target:  # the stores the issue set a target for are charted
+                    chart_ratios.append((name, result["ratio"], None, float(target.split()[1].rstrip("x"))))
                 continue
             versus_raw = raw_route_pair(env, raw_env, rounds, http_seconds)
             chart_ratios.append(
@@ -697,6 +748,11 @@ def main() -> int:
             redis_server.remove()
         if postgres is not None:
             postgres.remove()
+        if manager_server is not None:
+            manager_server.remove()
+        for topology in (sentinel, cluster):
+            if topology is not None:
+                topology.remove()
 
     print(
         f"\nTally bench: {os.cpu_count()} cores, Python {platform.python_version()}, "

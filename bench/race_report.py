@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import machine  # noqa: E402
 from tally.loadcheck import LoadReport, run_load  # noqa: E402
+from tests.redis_topologies import MASTER_NAME, ClusterTopology, SentinelTopology  # noqa: E402
 from tests.servers import DevServer, FlaskDevServer, Gunicorn, Memcached, Postgres, Redis  # noqa: E402
 
 CLIENTS, REQUESTS = 100, 30
@@ -44,6 +45,8 @@ SERVERS = (
     "app.run(processes=4)",
 )
 HAVE_MANAGER = (ROOT / "tally" / "stores" / "manager.py").exists()
+#: The Redis topologies' settings (FLASK_ names without the prefix), filled in by main() once started.
+TOPOLOGIES: dict[str, dict[str, str]] = {}
 
 
 def tally_env(store: str, memcached: Memcached, redis: Redis, postgres: Postgres, manager) -> dict[str, str]:
@@ -69,6 +72,9 @@ def tally_env(store: str, memcached: Memcached, redis: Redis, postgres: Postgres
     elif store == "memcached":
         env["FLASK_CACHE_TYPE"] = "MemcachedCache"
         env["FLASK_CACHE_MEMCACHED_SERVERS"] = json.dumps([memcached.address])
+        env["FLASK_COUNTER_KEY_PREFIX"] = f"race{time.monotonic_ns()}:"
+    elif store in TOPOLOGIES:
+        env.update({f"FLASK_{key}": value for key, value in TOPOLOGIES[store].items()})
         env["FLASK_COUNTER_KEY_PREFIX"] = f"race{time.monotonic_ns()}:"
     else:
         env["FLASK_CACHE_TYPE"] = "RedisCache"
@@ -100,7 +106,7 @@ def variants(memcached: Memcached, redis: Redis, postgres: Postgres, manager):
     yield "Flask-Caching cache.inc, memcached", naive, naive_mc, "/cache-inc/{name}/incr", False
     yield "SELECT then UPDATE, SQLite", naive, naive_sqlite, "/naive-sql/{name}/incr", False
     yield "SELECT then UPDATE, PostgreSQL", naive, naive_postgresql, "/naive-sql/{name}/incr", False
-    stores = ["filesystem", "memcached", "redis", "sqlite", "postgresql", "memory"]
+    stores = ["filesystem", "memcached", "redis", *TOPOLOGIES, "sqlite", "postgresql", "memory"]
     if manager is not None:
         stores.insert(-1, "manager")
     for store in stores:
@@ -252,10 +258,22 @@ def main() -> int:
     clients, requests = (QUICK_CLIENTS, QUICK_REQUESTS) if args.quick else (CLIENTS, REQUESTS)
     began = time.monotonic()
     memcached, redis, postgres = Memcached("memcached").start(), Redis().start(), Postgres().start()
-    manager = None
+    manager = sentinel = cluster = None
     rows = []
     try:
         manager = start_manager()
+        if not args.only or "redis-" in args.only or args.only == "Tally":
+            sentinel, cluster = SentinelTopology().start(), ClusterTopology().start()
+            TOPOLOGIES["redis-sentinel"] = {
+                "CACHE_TYPE": "RedisSentinelCache",
+                "CACHE_REDIS_SENTINELS": json.dumps(sentinel.sentinel_addresses),
+                "CACHE_REDIS_SENTINEL_MASTER": MASTER_NAME,
+                "COUNTER_MIN_REPLICAS": "1",
+            }
+            TOPOLOGIES["redis-cluster"] = {
+                "CACHE_TYPE": "RedisClusterCache",
+                "CACHE_REDIS_CLUSTER": cluster.startup_nodes,
+            }
         for label, app, make_env, route, project in variants(memcached, redis, postgres, manager):
             if args.only not in label:
                 continue
@@ -282,6 +300,9 @@ def main() -> int:
         postgres.remove()
         if manager is not None:
             manager.remove()
+        for topology in (sentinel, cluster):
+            if topology is not None:
+                topology.remove()
     print(
         f"\n{clients} clients x {requests} POSTs each ({clients * requests} requests), "
         f"a new connection per request; {os.cpu_count()} cores; Python {sys.version.split()[0]}"
