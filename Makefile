@@ -53,9 +53,11 @@ servers:
 test: $(VENV)/.test servers
 	$(PY) -m pytest
 
-# The long runs of the race tests: every keep-alive shared-set round 30 times, on fresh gunicorn.
+# The long runs of the race tests: every keep-alive shared-set round 30 times, on fresh gunicorn;
+# the Redis failover under load 10 times per topology, each on a fresh topology.
 stress: $(VENV)/.test servers
 	TALLY_STRESS_ROUNDS=$${TALLY_STRESS_ROUNDS:-30} $(PY) -m pytest -p no:randomly -x tests/test_concurrency.py -k keep_alive_clients
+	TALLY_STRESS_ROUNDS=$${TALLY_FAILOVER_ROUNDS:-10} $(PY) -m pytest -p no:randomly -x tests/test_redis_topologies.py -k failover
 
 bench: $(VENV)/.test servers
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PIP) install -e '.[charts]'

@@ -16,6 +16,7 @@ from urllib.parse import quote
 from flask import Flask
 
 from tally.config import ConfigError, backend_name, cache_settings, is_count, is_number
+from tally.keyfile import read_or_create
 
 __all__ = ["ConfigError", "ensure_secret_key", "load_settings", "refuse_weak_secret_key"]
 
@@ -86,22 +87,7 @@ def ensure_secret_key(app: Flask) -> None:
     if app.config.get("SECRET_KEY"):
         return
     path = os.path.join(app.instance_path, SECRET_KEY_FILE)
-    try:
-        with open(path, encoding="ascii") as file:
-            key = file.read().strip()
-    except FileNotFoundError:
-        temp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as file:
-            file.write(secrets.token_urlsafe(48))
-        try:
-            os.link(temp, path)
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(temp)
-        with open(path, encoding="ascii") as file:
-            key = file.read().strip()
+    key = read_or_create(path, lambda: secrets.token_urlsafe(48))
     if len(key) < 32:
         raise ConfigError(f"{path} holds no usable key; delete it to have a new one generated")
     app.config["SECRET_KEY"] = key

@@ -626,7 +626,7 @@ def main() -> int:
                 ">= 0.90x",
             )
             row(
-                "redis update (WATCH/MULTI)",
+                "redis update (compare-and-set script)",
                 rate(lambda: store.update_value("v", append_one), seconds),
                 "ops/s",
             )

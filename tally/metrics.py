@@ -70,7 +70,7 @@ if ENABLED:
     )
     UPDATE_RETRIES = prometheus_client.Counter(
         "tally_store_update_retries_total",
-        "Shared-value updates run again after losing an optimistic race (memcached cas, Redis WATCH)",
+        "Shared-value updates run again after losing a compare-and-set race (memcached, Redis, manager)",
         ["backend"],
     )
     HTTP_REQUESTS = prometheus_client.Counter(
@@ -166,8 +166,8 @@ def _failed(store: Any, operation: str, key: str, error: Exception, seconds: flo
 
 
 def update_retried(backend: str) -> None:
-    """One more attempt of a shared-value update after a lost optimistic race (a cas or WATCH that
-    failed because another process wrote first).  Cheap; never raises."""
+    """One more attempt of a shared-value update after a lost optimistic race (a compare-and-set
+    that failed because another process wrote first).  Cheap; never raises."""
     if ENABLED:
         UPDATE_RETRIES.labels(backend).inc()
 

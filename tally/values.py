@@ -2,8 +2,9 @@
 
 The general answer to "how do I share data between requests": a dict, a list of recent visitors, a
 settings blob.  ``update(key, fn)`` applies ``fn`` to the current value and stores the result as one
-atomic step of the configured store (file lock, memcached gets/cas, Redis WATCH/MULTI, a lock in
-memory), so two concurrent updates never lose one another.
+atomic step of the configured store (file lock, memcached gets/cas, a Redis compare-and-set script,
+a row lock in SQL, a version check in the manager, a lock in memory), so two concurrent updates never
+lose one another.
 """
 
 from __future__ import annotations

@@ -180,9 +180,10 @@ def test_a_memcached_restart_answers_503_then_serves_again(tmp_path):
 def test_server_side_sessions_answer_503_quickly_while_the_store_is_away(
     make_app, tmp_path, own_store, backend, kind
 ):
-    """With SESSION_BACKEND = "server" every request reads its session from the store first: an
-    unreachable store is a 503 within the timeout there too (not a 500 after the client's own
-    retries, nor a request that hangs), and service returns with the store."""
+    """With SESSION_BACKEND = "server" every request that uses its session (the per-client page here)
+    reads it from the store: an unreachable store is a 503 within the timeout there too (not a 500
+    after the client's own retries, nor a request that hangs), and the JSON API, which opens no
+    session, answers 503 from the counter store; service returns with the store."""
     store = own_store(backend)
     client = make_app({**settings_for(backend, store, tmp_path), "SESSION_BACKEND": "server"}).test_client()
     assert client.get("/inc").get_data(as_text=True) == "counter is 1"

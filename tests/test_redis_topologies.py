@@ -8,6 +8,7 @@ particular to them.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -23,6 +24,8 @@ from tests.conftest import settings_env
 from tests.redis_topologies import MASTER_NAME, ClusterTopology, SentinelTopology, command
 
 TIMEOUT = 0.5
+#: Failover rounds, each on a fresh topology: 1 in make test, more in make stress.
+STRESS_ROUNDS = int(os.environ.get("TALLY_STRESS_ROUNDS", "1"))
 
 
 def sentinel_settings(topology: SentinelTopology, **extra) -> dict:
@@ -351,7 +354,8 @@ def assert_failover_outcome(outcome: dict[str, dict]) -> tuple[int, int]:
 
 
 @pytest.mark.slow
-def test_sentinel_failover_under_load_hands_out_no_number_twice_with_min_replicas(serve):
+@pytest.mark.parametrize("round_", range(STRESS_ROUNDS))
+def test_sentinel_failover_under_load_hands_out_no_number_twice_with_min_replicas(serve, round_):
     """Replicas fall behind (stopped, links cut), load runs, the primary is killed, the replicas come
     back and Sentinel promotes one.  Two app servers share the topology: one with
     COUNTER_MIN_REPLICAS = 1, one with 0 (the naive variant)."""
@@ -374,7 +378,8 @@ def test_sentinel_failover_under_load_hands_out_no_number_twice_with_min_replica
 
 
 @pytest.mark.slow
-def test_cluster_failover_under_load_hands_out_no_number_twice_with_min_replicas(serve):
+@pytest.mark.parametrize("round_", range(STRESS_ROUNDS))
+def test_cluster_failover_under_load_hands_out_no_number_twice_with_min_replicas(serve, round_):
     """As for Sentinel, on the primary that holds the counter: both servers' prefixes carry one hash
     tag, so their keys share a slot and go through the same failover."""
     topology = ClusterTopology().start()

@@ -14,7 +14,7 @@ from ..names import validate_name
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
-#: How many times an optimistic update (memcached cas, Redis WATCH) is tried before ``Conflict``.
+#: How many times an optimistic update (memcached cas, Redis compare-and-set) is tried before ``Conflict``.
 VALUE_RETRIES = 100
 
 

@@ -54,6 +54,7 @@ from typing import Any
 
 from .. import metrics
 from ..errors import Conflict, CorruptCounter, StoreUnavailable
+from ..keyfile import read_or_create
 from .base import (
     INT64_MAX,
     INT64_MIN,
@@ -156,23 +157,7 @@ def load_authkey(value: Any, instance_path: str) -> bytes:
     if value:
         return value if isinstance(value, bytes) else str(value).encode()
     path = os.path.join(instance_path, AUTHKEY_FILE)
-    try:
-        with open(path, "rb") as file:
-            key = file.read().strip()
-    except FileNotFoundError:
-        os.makedirs(instance_path, exist_ok=True)
-        temp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as file:
-            file.write(secrets.token_hex(32))
-        try:
-            os.link(temp, path)
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(temp)
-        with open(path, "rb") as file:
-            key = file.read().strip()
+    key = read_or_create(path, lambda: secrets.token_hex(32)).encode()
     if len(key) < 32:
         raise ManagerConfigError(
             f"COUNTER_MANAGER_AUTHKEY: {path} holds no usable key; delete it to have a new one generated"
