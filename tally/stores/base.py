@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import random
 import threading
 import time
@@ -27,6 +28,20 @@ class KeyLocks:
 
     def __call__(self, key: str) -> threading.Lock:
         return self._locks[hash(key) % len(self._locks)]
+
+
+def close_idle(free: Any) -> None:
+    """Close every connection waiting in the pool queue ``free`` and put it back: each reopens when
+    it is next used, so a pool can be closed while threads still hold (and later return) the rest."""
+    idle = []
+    while True:
+        try:
+            idle.append(free.get_nowait())
+        except queue.Empty:
+            break
+    for connection in idle:
+        connection.close()
+        free.put(connection)
 
 
 def pause_after_conflict(attempt: int) -> None:

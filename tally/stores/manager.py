@@ -61,6 +61,7 @@ from .base import (
     VALUE_RETRIES,
     CounterStore,
     KeyLocks,
+    close_idle,
     counter_name,
     pause_after_conflict,
 )
@@ -952,15 +953,7 @@ class ManagerCounterStore(CounterStore):
 
     def close(self) -> None:
         """Close the idle connections; each reopens if used again."""
-        idle = []
-        while True:
-            try:
-                idle.append(self._free.get_nowait())
-            except queue.Empty:
-                break
-        for connection in idle:
-            connection.close()
-            self._free.put(connection)
+        close_idle(self._free)
 
 
 def main(argv: list[str] | None = None) -> None:

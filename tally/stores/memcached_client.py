@@ -40,6 +40,8 @@ from typing import Any
 
 from pymemcache.client.base import Client
 
+from .base import close_idle
+
 _deadline = threading.local()
 #: How many times this process's line of descent has forked: connections made before a fork are left
 #: to the parent.
@@ -190,16 +192,8 @@ class ServerConnections:
         self._free.put(connection)  # after a failure its socket is closed: it reconnects when used
 
     def close(self) -> None:
-        """Close the idle connections' sockets; each reopens if used again."""
-        idle = []
-        while True:
-            try:
-                idle.append(self._free.get_nowait())
-            except queue.Empty:
-                break
-        for connection in idle:
-            connection.close()
-            self._free.put(connection)
+        """Close the idle connections; each reopens if used again."""
+        close_idle(self._free)
 
 
 def server_for(key: str, servers: list[str]) -> str:
