@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -10,6 +11,7 @@ import pytest
 
 from tally import CorruptCounter, Overflow, StoreUnavailable
 from tally.stores.memcached import FAST_STEP_MAX, OFFSET, MemcachedCounterStore
+from tally.stores.memcached_client import IDLE_CHECK_SECONDS, parse_address
 from tests.servers import Memcached
 
 KEYS = [f"k{i}" for i in range(40)]
@@ -253,4 +255,33 @@ def test_connections_left_idle_through_a_restart_reconnect_without_a_503():
         assert [store.add("x", 1) for _ in range(6)] == [1, 2, 3, 4, 5, 6]
     finally:
         store.close()
+        server.stop()
+
+
+def test_an_idle_connection_past_descriptor_1023_is_kept():
+    """The idle check works for any descriptor number: a busy worker's sockets sit past 1023, where
+    ``select.select`` raises ``ValueError`` (once taken for a closed socket, so every idle
+    connection was replaced).  Five rounds of "idle past the check's threshold, then one step" on a
+    socket numbered over 1024 open no new connection."""
+    from pymemcache.client.base import Client
+
+    server = Memcached("memcached").start()
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    store = MemcachedCounterStore([server.address], key_prefix="fd:", pool_size=1)
+    stats = Client(parse_address(server.address))
+    try:
+        assert store.add("x", 1) == 1
+        connection = store._connections[server.address].take(1)
+        assert connection._client.sock.fileno() > 1024
+        store._connections[server.address].give(connection)
+        before = int(stats.stats()[b"total_connections"])
+        for round_ in range(5):
+            time.sleep(IDLE_CHECK_SECONDS + 0.3)
+            assert store.add("x", 1) == round_ + 2
+        assert int(stats.stats()[b"total_connections"]) == before  # the stats client was already open
+    finally:
+        stats.close()
+        store.close()
+        for fd in held:
+            os.close(fd)
         server.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import random
+import socket
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -42,6 +43,30 @@ def close_idle(free: Any) -> None:
     for connection in idle:
         connection.close()
         free.put(connection)
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether a connection to a server that never speaks first (memcached, the manager) has been
+    closed or reset by it while idle: anything to read means end of stream or an error.
+
+    One non-blocking peek, which works for every descriptor number (``select.select`` raises
+    ``ValueError`` past 1023, where a busy worker's sockets live) and never waits under gevent.  The
+    socket's own timeout is put back afterwards.
+    """
+    timeout = sock.gettimeout()
+    try:
+        sock.settimeout(0.0)
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return False  # nothing to read: open and idle
+    except OSError:
+        return True
+    finally:
+        try:
+            sock.settimeout(timeout)
+        except OSError:
+            pass
+    return True
 
 
 def pause_after_conflict(attempt: int) -> None:

@@ -62,6 +62,7 @@ from .base import (
     CounterStore,
     KeyLocks,
     close_idle,
+    closed_by_peer,
     counter_name,
     pause_after_conflict,
 )
@@ -782,18 +783,9 @@ class _Connection:
 
     def _closed_by_server(self) -> bool:
         """The manager never speaks first: an idle connection with anything to read has reached its
-        end (a restarted or stopped manager).  One non-blocking peek (not ``select``, which fails on
-        descriptors past 1023, and which gevent would turn into a wait)."""
+        end (a restarted or stopped manager)."""
         assert self._channel is not None
-        sock = self._channel.sock
-        try:
-            sock.settimeout(0.0)
-            sock.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:
-            return False  # nothing to read: open and idle
-        except OSError:
-            return True
-        return True
+        return closed_by_peer(self._channel.sock)
 
     def call(self, method: str, args: tuple[Any, ...], deadline: float) -> Any:
         if self._channel is not None and self._closed_by_server():

@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
-import select
 import socket
 import threading
 import time
@@ -40,7 +39,7 @@ from typing import Any
 
 from pymemcache.client.base import Client
 
-from .base import close_idle
+from .base import close_idle, closed_by_peer
 
 _deadline = threading.local()
 #: How many times this process's line of descent has forked: connections made before a fork are left
@@ -101,7 +100,7 @@ SOCKET_MODULE = _SocketModule()
 
 
 #: A connection unused for longer than this is checked for a close by the server before its next
-#: command (one non-blocking select; busy connections skip it).
+#: command (one non-blocking peek; busy connections skip it).
 IDLE_CHECK_SECONDS = 1.0
 
 
@@ -147,13 +146,7 @@ class Connection:
         command opens a new one instead of failing on the dead one.  memcached never speaks first: an
         idle connection that is readable has reached its end (EOF) or was reset."""
         sock = self._client.sock
-        if sock is None:
-            return
-        try:
-            readable = select.select([sock], [], [], 0)[0]
-        except (OSError, ValueError):
-            readable = [sock]
-        if readable:
+        if sock is not None and closed_by_peer(sock):
             self._client.close()
 
     def close(self) -> None:
