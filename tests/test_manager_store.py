@@ -214,6 +214,30 @@ def test_a_crash_keeps_what_the_last_snapshot_holds(own_manager):
     store.close()
 
 
+def test_a_version_read_before_a_restart_never_matches_after_it(own_manager):
+    """A worker reads a value and its version, the manager restarts from its snapshot, other workers
+    write the value again and again, and only then does the worker's compare-and-set arrive: it must
+    be refused, whatever number of writes came between (versions once started again from 1 at every
+    restart, so the stale write matched a newer value that had reached the same number)."""
+    server = own_manager(snapshot=True, snapshot_interval=60)
+    store = ManagerCounterStore(server.address, server.authkey.encode(), timeout=TIMEOUT)
+    key = store.key_prefix + "v"
+    store.set_value("v", b"1")
+    store.set_value("v", b"2")
+    data, version = store._call("read_value", key)  # the step update_value begins with
+    assert data == b"2"
+    server.stop()  # the final snapshot holds b"2"
+    server.start()
+    for n in range(1000):  # bounded: a version from the last run must never come round again
+        if store._call("read_value", key)[1] == version:
+            break
+        store.set_value("v", str(3 + n).encode())
+    newest = store.get_value("v")
+    assert store._call("replace_value", key, version, b"stale", None) is False
+    assert store.get_value("v") == newest
+    store.close()
+
+
 def test_a_damaged_snapshot_stops_the_manager_rather_than_starting_empty(own_manager):
     server = own_manager(snapshot=True)
     server.stop()

@@ -17,7 +17,9 @@ object, it also cooperates with gevent once the socket module is patched.
 it reads the value and a version number, runs ``change`` here, and asks the server to store the result
 only if the version is still the one it read (compare-and-set, under the server's lock); a lost race is
 retried, as on memcached.  Versions come from one counter of the table, so a value deleted and
-written again never matches an old version.
+written again never matches an old version; and each run of the manager starts that counter at a
+fresh random 62-bit base, so a version read before a restart (a snapshot restores values, not the
+versions clients hold) matches after it only with a chance of about one in 2**62 per write.
 
 The protocol is pickle: whoever can connect and knows the key can make the manager run code.  So the
 address defaults to a 0600 Unix socket in the instance folder, TCP is allowed on loopback only
@@ -195,7 +197,8 @@ class CounterTable:
         self.snapshot_lock = threading.Lock()  # one snapshot write at a time, in the order taken
         self._counters: dict[str, tuple[int, float | None]] = {}
         self._values: dict[str, tuple[bytes, float | None, int]] = {}
-        self._version = 0
+        # Versions are unique across runs too: a client may send a version it read before a restart.
+        self._version = secrets.randbits(62)
         self._changes = 0
         self._closed = False
         self._next_sweep = time.monotonic() + SWEEP_INTERVAL
