@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Flask, current_app, jsonify
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from tally import CorruptCounter, StoreUnavailable, TallyError
+from tally import StoreUnavailable, TallyError
 from tally import metrics as tally_metrics
 
 
@@ -29,13 +29,15 @@ def handle_http_exception(exc: HTTPException):
 
 
 def handle_tally_error(exc: TallyError):
+    """The body says what happened and what to do (``public_detail``); the message, which may name a
+    server, a path or a URL, goes to the log only."""
     if isinstance(exc, StoreUnavailable):
         # One line when the store becomes unreachable, one when it is back (per worker), however many
         # requests fail in between; raised outside a counter step too (a server-side session).
         tally_metrics.store_unavailable(current_app.extensions["tally"], exc)
-    elif isinstance(exc, CorruptCounter):
+    elif exc.public_message is not None:  # the store's fault (corrupt record, misconfiguration)
         current_app.logger.error("%s: %s", exc.code, exc)
-    return _json_error(exc.status, exc.code, str(exc))
+    return _json_error(exc.status, exc.code, exc.public_detail())
 
 
 def register(app: Flask) -> None:

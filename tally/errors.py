@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class TallyError(Exception):
-    """Base of every error a counter operation raises. ``status`` is the HTTP status it maps to."""
+    """Base of every error a counter operation raises. ``status`` is the HTTP status it maps to.
+
+    The message is for the operator's log.  What an HTTP client may be told is ``public_detail()``:
+    the message itself for errors that only describe the caller's own input (a name, an amount, a
+    value), and a fixed sentence for errors of the store, whose messages name servers, ports, paths,
+    users and database URLs.
+    """
 
     status = 500
     code = "tally_error"
+    #: The detail every client is given, when the message must stay in the log; ``None``: the message.
+    public_message: ClassVar[str | None] = None
+
+    def public_detail(self) -> str:
+        """What an HTTP response may say of this error: never an address, a path or a URL."""
+        return self.public_message if self.public_message is not None else str(self)
 
 
 class InvalidName(TallyError, ValueError):
@@ -43,6 +57,9 @@ class StoreUnavailable(TallyError):
 
     status = 503
     code = "store_unavailable"
+    public_message = (
+        "the counter store could not be reached or did not answer in time; no value was guessed: retry later"
+    )
 
 
 class ReplicationUnconfirmed(StoreUnavailable):
@@ -50,6 +67,10 @@ class ReplicationUnconfirmed(StoreUnavailable):
     time: it may survive a failover or be lost with the primary, so its result is never returned."""
 
     code = "outcome_unknown"
+    public_message = (
+        "the step reached the store, but too few replicas confirmed it in time: its"
+        " outcome is unknown; read the value before trying again"
+    )
 
 
 class NotOneProcess(TallyError):
@@ -59,6 +80,10 @@ class NotOneProcess(TallyError):
 
     status = 500
     code = "store_not_shared"
+    public_message = (
+        "this server keeps counters in one process's memory but runs as several"
+        " processes; its operator must configure a shared store"
+    )
 
 
 class CorruptCounter(TallyError):
@@ -66,6 +91,7 @@ class CorruptCounter(TallyError):
 
     status = 500
     code = "corrupt_counter"
+    public_message = "the stored record of this counter is damaged; it was reported, never read as 0"
 
 
 class CorruptValue(TallyError):
@@ -73,6 +99,9 @@ class CorruptValue(TallyError):
 
     status = 500
     code = "corrupt_value"
+    public_message = (
+        "the stored bytes of this shared value are damaged; they were reported, never read as missing"
+    )
 
 
 class InvalidValue(TallyError, ValueError):

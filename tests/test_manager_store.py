@@ -5,6 +5,7 @@ its snapshot, and how it is started (gunicorn's master, the `counters manager` c
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import stat
@@ -136,12 +137,14 @@ def test_bad_manager_settings_fail_at_start_up_naming_the_key(make_app, key, val
     assert key in str(raised.value)
 
 
-def test_a_wrong_key_is_a_503_that_names_the_setting(own_manager, make_app, store_settings):
+def test_a_wrong_key_is_a_503_whose_log_line_names_the_setting(own_manager, make_app, store_settings, caplog):
     server = own_manager()
     app = make_app({**settings_for(server, store_settings), "COUNTER_MANAGER_AUTHKEY": "k" * 40})
-    response = app.test_client().post("/api/counters/k/incr")
+    with caplog.at_level(logging.ERROR):
+        response = app.test_client().post("/api/counters/k/incr")
     assert response.status_code == 503
-    assert "COUNTER_MANAGER_AUTHKEY" in response.get_json()["detail"]
+    assert response.get_json()["detail"] == StoreUnavailable.public_message  # no path for the client
+    assert any("COUNTER_MANAGER_AUTHKEY" in record.getMessage() for record in caplog.records)
 
 
 # -- failures -----------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import random
 import socket
@@ -62,10 +63,8 @@ def closed_by_peer(sock: socket.socket) -> bool:
     except OSError:
         return True
     finally:
-        try:
+        with contextlib.suppress(OSError):  # closed meanwhile: nothing to restore
             sock.settimeout(timeout)
-        except OSError:
-            pass
     return True
 
 
