@@ -11,6 +11,7 @@ from common import counters
 
 from .auth import admin_required
 from .body import json_object
+from .limits import never_limited
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 #: One compact encoder for every counter response (``json.dumps`` with ``separators`` builds a new
@@ -30,6 +31,7 @@ def counter_response(name: str, value: int):
 
 
 @bp.get("/counters/<name>")
+@never_limited
 def read(name: str):
     return counter_response(name, counters.get(name))
 

@@ -17,6 +17,7 @@ from tally.names import CLIENT_ID_PATTERN
 
 from .api import counter_response
 from .body import json_object
+from .limits import never_limited
 
 bp = Blueprint("clients", __name__)
 
@@ -63,6 +64,7 @@ def reset():
 
 
 @bp.get("/api/me/counters/<name>")
+@never_limited
 def me_read(name: str):
     return counter_response(name, client_counters().get(name))
 

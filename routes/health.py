@@ -13,12 +13,14 @@ from flask import Blueprint, current_app, jsonify
 
 from common import counters
 
+from .limits import never_limited
 from .metrics import bearer_token_matches
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
+@never_limited
 def healthz():
     report = counters.health()
     status = {"status": "ok" if report["reachable"] else "unavailable", "backend": report["backend"]}
@@ -32,6 +34,7 @@ def healthz():
 
 
 @bp.get("/livez")
+@never_limited
 def livez():
     """Touches no store: the bare route benchmarks compare the counter route against."""
     return jsonify(status="ok")

@@ -51,6 +51,8 @@ from tally import CorruptCounter
 from tally.names import NAME_PATTERN
 from tally.stores import CounterStore
 
+from .limits import never_limited
+
 log = logging.getLogger(__name__)
 
 bp = Blueprint("leaderboard", __name__, url_prefix="/api")
@@ -249,6 +251,7 @@ def decode_entry(raw: Any, scope: str, max_age: int, now: float) -> tuple[float,
 
 
 @bp.get("/leaderboard")
+@never_limited
 def leaderboard() -> Response:
     """``{"counters": [{"name": ..., "value": ...}, ...], "computed_at": <unix time>, "max_age": <s>}``,
     at most ``max_age`` seconds old; ``Cache-Control: public, max-age=<max_age>`` with an ``Age``

@@ -18,6 +18,8 @@ from werkzeug.exceptions import NotImplemented as NotInstalled
 
 from tally import metrics as tally_metrics
 
+from .limits import never_limited
+
 bp = Blueprint("metrics", __name__)
 
 LOOPBACK = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
@@ -50,6 +52,7 @@ def direct_from_loopback() -> bool:
 
 
 @bp.get("/metrics")
+@never_limited
 def scrape():
     token = current_app.config["METRICS_TOKEN"]
     if token:

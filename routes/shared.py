@@ -9,6 +9,7 @@ from common import shared
 
 from .auth import admin_required
 from .body import json_object
+from .limits import never_limited
 
 bp = Blueprint("shared", __name__, url_prefix="/api/shared")
 
@@ -22,6 +23,7 @@ def value_response(key: str, value):
 
 
 @bp.get("/<key>")
+@never_limited
 def read(key: str):
     return value_response(key, shared.get_value(key))
 

@@ -161,11 +161,38 @@ def test_each_app_keeps_its_own_limits(make_app, store_settings):
     assert all(generous.post("/api/counters/g/incr").status_code == 200 for _ in range(10))
 
 
-def test_reads_are_never_limited(make_app, store_settings):
-    client = limited_app(make_app, store_settings, limit="1 per minute").test_client()
-    client.post("/api/counters/r/incr")
-    for path in ("/api/counters/r", "/api/me/counters/r", "/api/shared/s", "/healthz", "/livez"):
-        assert all(client.get(path).status_code == 200 for _ in range(5)), path
+#: The GET routes that change something (a visit takes the next number; /inc, /dec and /reset are the
+#: seed's per-client demo): limited like every write.  Every other GET route must carry the
+#: ``never_limited`` mark, so that a read route added later cannot stay limited unnoticed.
+WRITING_GETS = {"pages.index", "clients.inc", "clients.dec", "clients.reset"}
+
+
+def get_endpoints(app) -> set[str]:
+    return {rule.endpoint for rule in app.url_map.iter_rules() if "GET" in rule.methods}
+
+
+def test_every_read_route_carries_the_never_limited_mark(make_app, store_settings):
+    from routes.limits import is_never_limited
+
+    app = limited_app(make_app, store_settings)
+    with app.test_request_context():
+        unmarked = {e for e in get_endpoints(app) if not is_never_limited(e)}
+    assert unmarked == WRITING_GETS
+    assert {"metrics.scrape", "health.healthz", "health.livez", "api.read"} <= get_endpoints(app) - unmarked
+
+
+def test_reads_health_liveness_and_metrics_are_never_limited(make_app, store_settings):
+    """An operator's scrape is never rate limited (seen: 20 of 30 scrapes of /metrics answered 429
+    under a "5 per minute" default), nor any other read, however many writes came first."""
+    client = limited_app(make_app, store_settings, limit="2 per minute").test_client()
+    writes = [client.post("/api/counters/r/incr").status_code for _ in range(3)]
+    assert writes == [200, 200, 429]  # the limit is on: only reads pass from here
+    paths = ["/api/counters/r", "/api/me/counters/r", "/api/shared/s", "/api/leaderboard", "/healthz"]
+    paths += ["/livez", "/metrics", "/static/style.css"]
+    for path in paths:
+        statuses = [client.get(path).status_code for _ in range(30)]
+        assert 429 not in statuses, (path, statuses)
+    assert [client.get("/inc").status_code for _ in range(3)] == [200, 200, 429]
 
 
 @pytest.mark.parametrize(
