@@ -15,8 +15,9 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from common import counters
-from tally import TallyError
+from tally import ConfigError, TallyError
 from tally.loadcheck import run_load
+from tally.stores.base import SchemaSupport
 
 counters_cli = AppGroup("counters", help="Read and change shared counters.")
 
@@ -32,13 +33,13 @@ def _run(operation, *args) -> None:
 def init_db_command() -> None:
     """Create the sql store's tables (COUNTER_STORE = "sql"), if they are missing."""
     store = current_app.extensions["tally"]
-    if not hasattr(store, "create_schema"):
-        raise click.ClickException(f'the {store.backend} store has no tables: COUNTER_STORE is not "sql"')
+    if not isinstance(store, SchemaSupport):
+        raise click.ClickException(f"the {store.backend} store has no tables to create")
     try:
         store.create_schema()
     except TallyError as error:
         raise click.ClickException(str(error)) from error
-    click.echo(f"tables ready in {store.url}")
+    click.echo(f"tables ready in {store.where()}")
 
 
 @counters_cli.command("manager")
@@ -63,7 +64,7 @@ def manager_command() -> None:
             snapshot=settings["COUNTER_MANAGER_SNAPSHOT"],
             snapshot_interval=settings["COUNTER_MANAGER_SNAPSHOT_INTERVAL"],
         )
-    except (manager.ManagerRunning, manager.ManagerConfigError, OSError) as error:
+    except (manager.ManagerRunning, ConfigError, OSError) as error:
         raise click.ClickException(str(error)) from error
 
 

@@ -96,10 +96,12 @@ def on_starting(server):
         raise SystemExit(f"tally: bad configuration: {error}") from None
     store = app.app.extensions["tally"]
     if not store.multi_process and server.cfg.workers > 1:
+        from tally.stores import REGISTRY
+
+        shared = ", ".join(name for name, cls in REGISTRY.items() if cls.multi_process)
         raise SystemExit(
             f"tally: the {store.backend} store keeps counters inside one process, but gunicorn is"
-            f" set to {server.cfg.workers} workers; use TALLY_WORKERS=1 or a shared store"
-            " (FileSystemCache, MemcachedCache, RedisCache)"
+            f" set to {server.cfg.workers} workers; use TALLY_WORKERS=1 or a shared store ({shared})"
         )
     _start_counter_manager(server, app.app)
 
@@ -154,9 +156,10 @@ def post_fork(server, worker):
     """The single worker of a memory store becomes the one process that counts (the master built the
     store and never counts; a worker forked from it would otherwise be refused)."""
     import app
+    from tally.stores.base import ForkAdoption
 
     store = app.app.extensions["tally"]
-    if not store.multi_process:
+    if isinstance(store, ForkAdoption):
         store.adopt()
 
 

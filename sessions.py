@@ -17,48 +17,29 @@ from flask_session import Session
 
 from settings import ConfigError
 from tally import StoreUnavailable
-from tally.extension import SETTINGS_KEY
+from tally.sessions import flask_session_settings
+from tally.stores.base import SessionStorage
 
 SESSION_BACKENDS = ("cookie", "server")
 
 
 def _server_session_store(app: Flask) -> tuple[dict, tuple[type[BaseException], ...]]:
-    """Flask-Session settings for the configured store (thread-safe clients of the same servers,
-    with the counters' timeout and no hidden retries), and the errors its client raises when the
-    store cannot be reached."""
-    config = app.extensions[SETTINGS_KEY]  # what Tally resolved: the counters' backend and servers
-    backend = config["CACHE_TYPE"]
-    lifetime = int(app.permanent_session_lifetime.total_seconds())
-    timeout = config["COUNTER_TIMEOUT"]
-    if backend in ("RedisSentinelCache", "RedisClusterCache"):
-        # The counter store's own way to the primary: followed through a failover, never a replica.
-        client = app.extensions["tally"].session_client()
-        return {"SESSION_TYPE": "redis", "SESSION_REDIS": client}, (StoreUnavailable,)
-    if backend == "RedisCache":
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        client = redis.Redis.from_url(
-            config["CACHE_REDIS_URL"],
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
-        return {"SESSION_TYPE": "redis", "SESSION_REDIS": client}, (redis.ConnectionError, redis.TimeoutError)
-    if backend == "MemcachedCache":
-        # The counter store's own connections: a deadline per command, and a server that is down is
-        # never replaced by another (where the session would not be found).
-        client = app.extensions["tally"].session_client()
-        return {"SESSION_TYPE": "memcached", "SESSION_MEMCACHED": client}, (StoreUnavailable,)
+    """Flask-Session settings for the counters' store, and the errors its client raises when the
+    store cannot be reached.  A store that declares ``SessionStorage`` keeps the sessions itself
+    (``tally.sessions``: its deadline, the primary only, ``StoreUnavailable``); the others keep them
+    in cachelib, on this host's disk (or, for a one-process store, in memory)."""
+    store = app.extensions["tally"]
+    if isinstance(store, SessionStorage):
+        return flask_session_settings(store), (StoreUnavailable,)
     from cachelib import FileSystemCache, SimpleCache
 
-    if backend == "SimpleCache":
+    lifetime = int(app.permanent_session_lifetime.total_seconds())
+    if not store.multi_process:
         return {"SESSION_TYPE": "cachelib", "SESSION_CACHELIB": SimpleCache(default_timeout=lifetime)}, ()
     directory = os.path.join(app.instance_path, "sessions")
     # threshold 0: cachelib never prunes live sessions to make room; expired ones go as they expire.
-    store = FileSystemCache(directory, threshold=0, default_timeout=lifetime, mode=0o600)
-    return {"SESSION_TYPE": "cachelib", "SESSION_CACHELIB": store}, ()
+    cache = FileSystemCache(directory, threshold=0, default_timeout=lifetime, mode=0o600)
+    return {"SESSION_TYPE": "cachelib", "SESSION_CACHELIB": cache}, ()
 
 
 class SessionOpenedOnFirstUse:

@@ -177,12 +177,14 @@ bounded = BoundedCalls()
 
 
 def store_scope(store: CounterStore, scan_limit: int) -> str:
-    """A digest naming what a list is computed from: the store's backend, its directory or servers,
-    its key prefix, and the scan limit (a password in a Redis URL goes only into the digest)."""
-    parts = [store.backend, f"scan_limit={scan_limit}"]
-    for attribute in ("directory", "servers", "url", "key_prefix"):
-        if hasattr(store, attribute):
-            parts.append(f"{attribute}={getattr(store, attribute)!r}")
+    """A digest naming what a list is computed from: the store, where it lives (its directory,
+    servers, socket or database), its key prefix, and the scan limit."""
+    parts = [
+        store.backend,
+        f"scan_limit={scan_limit}",
+        f"where={store.where()!r}",
+        f"prefix={store.key_prefix!r}",
+    ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 

@@ -27,8 +27,8 @@ of the same sign (increments with increments, decrements with decrements).  Whil
 in time, one step per counter and sign is in flight in a process; other counters are unaffected.
 The lock inside is never held across a store call or a wait, so it is also safe under gevent.
 
-A store opts in with the class (or instance) attribute named by ``COMBINES_ADDS``; only stores whose
-``add`` is a network round trip do (a local store's step is cheaper than the hand-over).
+A store opts in by declaring ``CounterStore.combines_adds``; only stores whose ``add`` is a network
+round trip do (a local store's step is cheaper than the hand-over).
 """
 
 from __future__ import annotations
@@ -36,24 +36,14 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Callable
-from typing import Any
 
 from .errors import Overflow, StoreUnavailable
 from .stores.base import INT64_MAX
-
-#: The attribute by which a store class (or instance) says that combining its ``add`` pays: true on
-#: the stores whose step is a network round trip.  Subclasses inherit it.
-COMBINES_ADDS = "combines_adds"
 
 Add = Callable[..., int]
 #: Seconds a batch waits for the step ahead of it before it is sent beside it (a healthy store's
 #: step takes well under a millisecond).
 PATIENCE = 0.05
-
-
-def store_combines(store: Any) -> bool:
-    """Whether ``store`` asks for combining (its ``combines_adds`` attribute is true)."""
-    return bool(getattr(store, COMBINES_ADDS, False))
 
 
 class _Batch:

@@ -13,10 +13,10 @@ from urllib.parse import quote
 
 from flask import Flask
 
+from .errors import ConfigError
+from .stores import REGISTRY, cache_type_stores, missing_note, store_class
 
-class ConfigError(ValueError):
-    """A setting has the wrong type or value; the message names the key and what it expects."""
-
+__all__ = ["DEFAULTS", "ConfigError", "backend_name", "cache_settings", "store_settings"]
 
 #: Tally's own keys and their defaults.  Relative directories resolve under the instance folder.
 DEFAULTS: dict[str, Any] = {
@@ -38,34 +38,22 @@ DEFAULTS: dict[str, Any] = {
     "COUNTER_MANAGER_SNAPSHOT_INTERVAL": 5,  # seconds between snapshot writes, at most one each
 }
 
-#: The stores, by the Flask-Caching backend they follow.
-SUPPORTED = (
-    "FileSystemCache",
-    "MemcachedCache",
-    "RedisCache",
-    "RedisSentinelCache",
-    "RedisClusterCache",
-    "SimpleCache",
-)
-#: The backends on Redis, whose stores can wait for replicas (COUNTER_MIN_REPLICAS).
-REDIS_BACKENDS = ("RedisCache", "RedisSentinelCache", "RedisClusterCache")
 
-#: Every spelling of a supported backend that Flask-Caching accepts now (class names, dotted paths) or
-#: accepted before 2.0 (short names), by its lower-cased last dotted component.
-_SPELLINGS = {
-    "filesystemcache": "FileSystemCache",
-    "filesystem": "FileSystemCache",
-    "memcachedcache": "MemcachedCache",
-    "memcached": "MemcachedCache",
-    "rediscache": "RedisCache",
-    "redis": "RedisCache",
-    "redissentinelcache": "RedisSentinelCache",
-    "redissentinel": "RedisSentinelCache",
-    "redisclustercache": "RedisClusterCache",
-    "rediscluster": "RedisClusterCache",
-    "simplecache": "SimpleCache",
-    "simple": "SimpleCache",
-}
+def supported_cache_types() -> tuple[str, ...]:
+    """The Flask-Caching backends (class names) that some registered store follows."""
+    return tuple(cache_type_stores())
+
+
+def _spellings() -> dict[str, str]:
+    """Every spelling of a followed backend that Flask-Caching accepts now (the class name, or a
+    dotted path ending in it) or accepted before 2.0 (the short name, ``"filesystem"`` for
+    ``FileSystemCache``), lower-cased, -> the class name."""
+    found = {}
+    for cache_type in cache_type_stores():
+        found[cache_type.lower()] = cache_type
+        found[cache_type.lower().removesuffix("cache")] = cache_type
+    return found
+
 
 #: Backends Flask-Caching has and Tally cannot keep counters on, and why.
 _UNSUPPORTED = {
@@ -83,7 +71,8 @@ _UNSUPPORTED = {
 def _refuse(spelling: str, why: str) -> ConfigError:
     return ConfigError(
         f"CACHE_TYPE {spelling!r}: Tally cannot keep atomic counters on it (it {why});"
-        f" use one of {', '.join(SUPPORTED)}"
+        f" use one of {', '.join(supported_cache_types())}"
+        + (f" ({note})" if (note := missing_note()) else "")
     )
 
 
@@ -94,8 +83,9 @@ def backend_name(cache_type: object) -> str:
     if not isinstance(cache_type, str) or not cache_type:
         raise ConfigError(f"CACHE_TYPE must name a cache backend; got {cache_type!r}")
     last = cache_type.rsplit(".", 1)[-1].lower()
-    if last in _SPELLINGS:
-        return _SPELLINGS[last]
+    spellings = _spellings()
+    if last in spellings:
+        return spellings[last]
     raise _refuse(cache_type, _UNSUPPORTED.get(last, "is not a backend Tally knows"))
 
 
@@ -115,14 +105,17 @@ def is_directory(value: Any) -> bool:
     return isinstance(value, (str, os.PathLike)) and os.fspath(value) != ""
 
 
-#: key -> (check, what the check expects)
-#: Stores chosen by COUNTER_STORE rather than by the cache backend.
-COUNTER_STORES = ("sql", "manager")
-#: The database of COUNTER_STORE = "sql" when SQLALCHEMY_DATABASE_URI is not set (in the instance folder).
-DEFAULT_DATABASE_URI = "sqlite:///tally.db"
+def _named_stores() -> list[str]:
+    """The stores chosen by ``COUNTER_STORE`` rather than by the cache backend."""
+    return [name for name, cls in REGISTRY.items() if not cls.cache_types]
 
+
+#: key -> (check, what the check expects)
 CHECKS: dict[str, tuple[Any, str]] = {
-    "COUNTER_STORE": (lambda v: v is None or v in COUNTER_STORES, 'unset, "sql" or "manager"'),
+    "COUNTER_STORE": (
+        lambda v: v is None or v in _named_stores(),
+        "unset (follow CACHE_TYPE) or the name of a store: " + ", ".join(_named_stores()),
+    ),
     "COUNTER_DIR": (is_directory, "a directory path"),
     "COUNTER_FSYNC": (lambda v: isinstance(v, bool), "true or false"),
     "COUNTER_SWEEP_INTERVAL": (is_positive, "a number of seconds > 0"),
@@ -305,7 +298,7 @@ def _from_cache_backend(backend: Any) -> dict[str, Any]:
     for name in names:  # the most specific class first: RedisSentinelCache is also a RedisCache
         if name in _UNSUPPORTED:
             raise _refuse(kind.__name__, _UNSUPPORTED[name])
-        if name in _SPELLINGS:
+        if name in _spellings():
             break
     if isinstance(backend, cachelib.FileSystemCache):
         found.update(CACHE_TYPE="FileSystemCache", CACHE_DIR=getattr(backend, "_path", None))
@@ -320,35 +313,6 @@ def _from_cache_backend(backend: Any) -> dict[str, Any]:
     else:
         raise _refuse(kind.__name__, "is not a backend Tally knows")
     return found
-
-
-def database_uri(uri: Any, instance_path: str) -> str:
-    """``SQLALCHEMY_DATABASE_URI`` for the sql store: ``sqlite:///relative.db`` resolved under the
-    instance folder, ``postgresql://`` driven by psycopg 3; anything else is a ``ConfigError``."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        url = make_url(os.fspath(uri) if isinstance(uri, os.PathLike) else uri)
-    except (ArgumentError, TypeError, ValueError) as error:
-        raise ConfigError(
-            f"setting SQLALCHEMY_DATABASE_URI must be a database URL; got {uri!r}: {error}"
-        ) from None
-    if url.drivername in ("sqlite", "sqlite+pysqlite"):
-        if not url.database or url.database == ":memory:":
-            raise ConfigError(
-                "SQLALCHEMY_DATABASE_URI: an in-memory SQLite database is private to one connection;"
-                " name a file (sqlite:///tally.db is created in the instance folder)"
-            )
-        path = os.path.abspath(os.path.join(instance_path, url.database))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        return url.set(drivername="sqlite", database=path).render_as_string(hide_password=False)
-    if url.drivername in ("postgresql", "postgresql+psycopg"):
-        return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-    raise ConfigError(
-        f"SQLALCHEMY_DATABASE_URI {url.render_as_string(hide_password=True)!r}: the sql store supports"
-        " sqlite:///... and postgresql+psycopg://..."
-    )
 
 
 def cache_settings(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -386,31 +350,27 @@ def store_settings(app: Flask, cache_backend: Any = None) -> dict[str, Any]:
     settings.update(cache)
 
     backend = settings["CACHE_TYPE"]
-    settings["STORE"] = settings["COUNTER_STORE"] or backend
-    if settings["STORE"] == "sql":
-        settings["SQLALCHEMY_DATABASE_URI"] = database_uri(
-            config.get("SQLALCHEMY_DATABASE_URI") or DEFAULT_DATABASE_URI, app.instance_path
-        )
-    if settings["STORE"] == "manager":
-        from .stores.manager import ManagerConfigError, manager_settings
-
-        try:
-            settings.update(manager_settings(config, app.instance_path))
-        except ManagerConfigError as error:
-            raise ConfigError(str(error)) from None
     if backend == "MemcachedCache" and not settings.get("CACHE_MEMCACHED_SERVERS"):
         # the cache's client did not say (another client library): the servers it was given
         settings["CACHE_MEMCACHED_SERVERS"] = _server_list(config.get("CACHE_MEMCACHED_SERVERS"))
     if backend == "RedisCache" and not settings.get("CACHE_REDIS_URL"):
         settings["CACHE_REDIS_URL"] = _redis_url_from_config(config)
-    counter_prefix, cache_prefix = settings["COUNTER_KEY_PREFIX"], str(settings["CACHE_KEY_PREFIX"] or "")
-    if settings["COUNTER_MIN_REPLICAS"] and settings["STORE"] not in REDIS_BACKENDS:
+    settings["COUNTER_DIR"] = os.path.abspath(
+        os.path.join(app.instance_path, os.fspath(settings["COUNTER_DIR"]))
+    )
+    store = (
+        store_class(settings["COUNTER_STORE"]) if settings["COUNTER_STORE"] else cache_type_stores()[backend]
+    )
+    settings["STORE"] = store.backend
+    settings.update(store.check_settings(config, settings, app.instance_path))
+    if settings["COUNTER_MIN_REPLICAS"] and not store.waits_for_replicas:
+        waiting = ", ".join(name for name, cls in REGISTRY.items() if cls.waits_for_replicas)
         raise ConfigError(
-            f"COUNTER_MIN_REPLICAS = {settings['COUNTER_MIN_REPLICAS']} needs a Redis store (RedisCache,"
-            f" RedisSentinelCache, RedisClusterCache); the {settings['STORE']} store has no replicas"
-            " to wait for"
+            f"COUNTER_MIN_REPLICAS = {settings['COUNTER_MIN_REPLICAS']} needs a store with replicas"
+            f" ({waiting}); the {store.backend} store has no replicas to wait for"
         )
-    if backend in ("MemcachedCache", *REDIS_BACKENDS) and (
+    counter_prefix, cache_prefix = settings["COUNTER_KEY_PREFIX"], str(settings["CACHE_KEY_PREFIX"] or "")
+    if store.shares_cache_keyspace and (
         counter_prefix.startswith(cache_prefix) or cache_prefix.startswith(counter_prefix)
     ):
         # cachelib's RedisCache.clear() deletes every key starting with CACHE_KEY_PREFIX.
@@ -418,16 +378,4 @@ def store_settings(app: Flask, cache_backend: Any = None) -> dict[str, Any]:
             f"COUNTER_KEY_PREFIX {counter_prefix!r} and CACHE_KEY_PREFIX {cache_prefix!r} must not"
             " be prefixes of each other, or clearing the page cache would delete counters"
         )
-    counter_dir = os.path.abspath(os.path.join(app.instance_path, os.fspath(settings["COUNTER_DIR"])))
-    settings["COUNTER_DIR"] = counter_dir
-    if backend == "FileSystemCache" and settings.get("CACHE_DIR"):
-        # cachelib deletes the plain files at the top of CACHE_DIR that it did not write (pruning,
-        # clear()), and nothing below: a directory there fails os.remove and is skipped (cachelib's
-        # file.py).  So the counters may not share CACHE_DIR, and CACHE_DIR may not sit in theirs.
-        cache_dir = os.path.abspath(os.path.join(app.instance_path, os.fspath(settings["CACHE_DIR"])))
-        if os.path.commonpath([counter_dir, cache_dir]) == counter_dir:
-            raise ConfigError(
-                f"COUNTER_DIR {counter_dir} must not be CACHE_DIR {cache_dir} nor contain it:"
-                " cachelib deletes files it did not write in CACHE_DIR"
-            )
     return settings

@@ -1,4 +1,6 @@
-"""Tally's own exceptions: every failure of a counter operation is one of these, never a ``None``."""
+"""Tally's own exceptions: every failure of a counter operation is one of these, never a ``None``.
+
+The bottom layer of the library: this module imports nothing else from Tally."""
 
 from __future__ import annotations
 
@@ -116,3 +118,9 @@ class ValueTooLarge(TallyError, ValueError):
 
     status = 413
     code = "value_too_large"
+
+
+class ConfigError(ValueError):
+    """A setting has the wrong type or value, or names a store that cannot be used here; raised at
+    ``init_app`` (start-up), never at the first request.  The message names the key and what it
+    expects."""

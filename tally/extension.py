@@ -8,9 +8,9 @@ from typing import Any
 from flask import Flask, current_app
 
 from . import metrics
-from .combining import Combiner, store_combines
-from .config import ConfigError, store_settings
-from .errors import InvalidAmount, StoreUnavailable, TallyError
+from .combining import Combiner
+from .config import store_settings
+from .errors import ConfigError, InvalidAmount, StoreUnavailable, TallyError
 from .names import client_key, validate_name
 from .stores import INT64_MAX, CounterStore, build_store
 
@@ -41,7 +41,7 @@ def set_up_store(app: Flask, cache: Any = None) -> CounterStore:
     store = build_store(settings, app.instance_path)
     app.extensions[SETTINGS_KEY] = settings
     app.extensions[EXTENSION_KEY] = store
-    combine = settings["COUNTER_COMBINE"] and store_combines(store)
+    combine = settings["COUNTER_COMBINE"] and store.combines_adds
     app.extensions[ADD_KEY] = Combiner(store.add).add if combine else store.add
     return store
 

@@ -25,10 +25,8 @@ import time
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
-from .config import ConfigError
-from .errors import Conflict, CorruptCounter, CorruptValue, Overflow, StoreUnavailable
+from .errors import ConfigError, Conflict, CorruptCounter, CorruptValue, Overflow, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -216,17 +214,8 @@ def process_exited(pid: int) -> None:
 
 
 def store_location(store: Any) -> str:
-    """The backend and where it lives (servers, URL without credentials, directory), for log lines."""
-    servers = getattr(store, "servers", None)
-    if servers:
-        return f"{store.backend} {', '.join(servers)}"
-    url = getattr(store, "url", None)
-    if isinstance(url, str):
-        parts = urlsplit(url)
-        where = f"{parts.hostname}:{parts.port}" if parts.hostname else ""
-        return f"{store.backend} {where}{parts.path}"
-    directory = getattr(store, "directory", None)
-    return f"{store.backend} {directory}" if directory else store.backend
+    """The store's name and where it lives (``CounterStore.where``: never a password), for log lines."""
+    return f"{store.backend} {store.where()}".rstrip()
 
 
 class _Outage:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from tally import Overflow, StoreUnavailable
-from tally.combining import Combiner, store_combines
+from tally.combining import Combiner
 from tally.stores.memcached import MemcachedCounterStore
 from tally.stores.redis_store import RedisCounterStore
 from tests.servers import Memcached, Redis
@@ -99,7 +99,7 @@ class TopValueToAll(Combiner):
 
 
 def test_the_remote_stores_ask_for_combining(store):
-    assert store_combines(store)
+    assert store.combines_adds
 
 
 def test_every_value_once_under_threads_with_shared_steps(store):

@@ -84,7 +84,7 @@ def cut_replication(primary_port: int, replicas) -> None:
             {"CACHE_TYPE": "RedisClusterCache", "CACHE_REDIS_CLUSTER": "a:1", "COUNTER_MIN_REPLICAS": True},
             "COUNTER_MIN_REPLICAS",
         ),
-        ({"CACHE_TYPE": "FileSystemCache", "COUNTER_MIN_REPLICAS": 1}, "needs a Redis store"),
+        ({"CACHE_TYPE": "FileSystemCache", "COUNTER_MIN_REPLICAS": 1}, "needs a store with replicas"),
         (
             {"CACHE_TYPE": "RedisSentinelCache", "COUNTER_KEY_PREFIX": "flask_cache_t:"},
             "must not be prefixes",

@@ -101,7 +101,7 @@ def test_the_memory_store_refuses_a_fork_per_request_rather_than_count_wrong(dev
     assert all(status == 500 for status, _ in answers), answers
     assert all(body["error"] == "store_not_shared" for _, body in answers)
     assert "shared store" in answers[0][1]["detail"]
-    assert "forked from it" in server.log_text() and "RedisCache" in server.log_text()  # the fix, logged
+    assert "forked from it" in server.log_text() and "redis" in server.log_text()  # the fix, logged
 
 
 def test_the_memory_store_is_exact_under_app_run_threaded(dev_server, store_settings):

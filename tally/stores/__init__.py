@@ -1,131 +1,76 @@
-"""Counter stores, one module per backend, chosen once: ``COUNTER_STORE`` when set, else the
-Flask-Caching ``CACHE_TYPE``."""
+"""Counter stores, one module per store; each registers itself by defining its class (``base.REGISTRY``).
+
+Importing this package imports every store module in it, so the registry lists every store whose
+client library is installed; a module whose library is missing is remembered in ``MISSING`` with the
+``pip install`` that brings it.  ``store_class`` and ``build_store`` are how the rest of Tally finds a
+store: by its name, never by branching on it.
+"""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping
+import importlib
+import pkgutil
+from collections.abc import Mapping
 from typing import Any
 
-from .base import INT64_MAX, INT64_MIN, CounterStore
+from ..errors import ConfigError
+from .base import INT64_MAX, INT64_MIN, REGISTRY, CounterStore
 
-__all__ = ["BACKENDS", "INT64_MAX", "INT64_MIN", "CounterStore", "build_store"]
+__all__ = [
+    "INT64_MAX",
+    "INT64_MIN",
+    "MISSING",
+    "REGISTRY",
+    "CounterStore",
+    "build_store",
+    "cache_type_stores",
+    "store_class",
+]
 
-
-def _filesystem(config: Mapping[str, Any], instance_path: str) -> CounterStore:
-    from .filesystem import FileCounterStore
-
-    return FileCounterStore(
-        config["COUNTER_DIR"],
-        fsync=config["COUNTER_FSYNC"],
-        sweep_interval=config["COUNTER_SWEEP_INTERVAL"],
-    )
-
-
-def _memory(config: Mapping[str, Any], instance_path: str) -> CounterStore:
-    from .memory import MemoryCounterStore
-
-    return MemoryCounterStore(lock_path=os.path.join(instance_path, "memory-store.lock"))
-
-
-def _memcached(config: Mapping[str, Any], instance_path: str) -> CounterStore:
-    from .memcached import MemcachedCounterStore
-
-    return MemcachedCounterStore(
-        config["CACHE_MEMCACHED_SERVERS"],
-        key_prefix=config["COUNTER_KEY_PREFIX"],
-        timeout=config["COUNTER_TIMEOUT"],
-        pool_size=config["COUNTER_POOL_SIZE"],
-    )
+#: The client library (top-level module) each extra brings, for the message about a missing one.
+_EXTRA_OF_LIBRARY = {"pymemcache": "memcached", "redis": "redis", "sqlalchemy": "sql", "psycopg": "sql"}
+#: Store modules that could not be imported here, by module, with why (the library that is missing).
+MISSING: dict[str, str] = {}
 
 
-def _redis(config: Mapping[str, Any], instance_path: str) -> CounterStore:
-    from .redis_store import RedisCounterStore
-
-    return RedisCounterStore(
-        config["CACHE_REDIS_URL"],
-        key_prefix=config["COUNTER_KEY_PREFIX"],
-        timeout=config["COUNTER_TIMEOUT"],
-        pool_size=config["COUNTER_POOL_SIZE"],
-        min_replicas=config["COUNTER_MIN_REPLICAS"],
-    )
-
-
-def _redis_sentinel(config: Mapping[str, Any], instance_path: str) -> CounterStore:
-    from .redis_sentinel import RedisSentinelCounterStore
-
-    return RedisSentinelCounterStore(
-        config["CACHE_REDIS_SENTINELS"],
-        config["CACHE_REDIS_SENTINEL_MASTER"],
-        password=config["CACHE_REDIS_PASSWORD"],
-        sentinel_password=config["CACHE_REDIS_SENTINEL_PASSWORD"],
-        db=config["CACHE_REDIS_DB"],
-        key_prefix=config["COUNTER_KEY_PREFIX"],
-        timeout=config["COUNTER_TIMEOUT"],
-        pool_size=config["COUNTER_POOL_SIZE"],
-        min_replicas=config["COUNTER_MIN_REPLICAS"],
-    )
+def _import_every_store() -> None:
+    for module in pkgutil.iter_modules(__path__, __name__ + "."):
+        try:
+            importlib.import_module(module.name)
+        except ModuleNotFoundError as error:
+            library = (error.name or "").split(".")[0]
+            if library in ("", "tally"):
+                raise  # Tally's own module is missing: a broken install, never skipped quietly
+            extra = _EXTRA_OF_LIBRARY.get(library)
+            hint = f": pip install 'flask-tally[{extra}]'" if extra else ""
+            MISSING[module.name] = f"{module.name} needs {library}, which is not installed{hint}"
 
 
-def _redis_cluster(config: Mapping[str, Any], instance_path: str) -> CounterStore:
-    from .redis_cluster import RedisClusterCounterStore
-
-    return RedisClusterCounterStore(
-        config["CACHE_REDIS_CLUSTER"],
-        password=config["CACHE_REDIS_PASSWORD"],
-        key_prefix=config["COUNTER_KEY_PREFIX"],
-        timeout=config["COUNTER_TIMEOUT"],
-        pool_size=config["COUNTER_POOL_SIZE"],
-        min_replicas=config["COUNTER_MIN_REPLICAS"],
-    )
+_import_every_store()
 
 
-def _sql(config: Mapping[str, Any], instance_path: str) -> CounterStore:
-    from .sql import SqlCounterStore
-
-    return SqlCounterStore(
-        config["SQLALCHEMY_DATABASE_URI"],
-        key_prefix=config["COUNTER_KEY_PREFIX"],
-        timeout=config["COUNTER_TIMEOUT"],
-        pool_size=config["COUNTER_POOL_SIZE"],
-        fsync=config["COUNTER_FSYNC"],
-        sweep_interval=config["COUNTER_SWEEP_INTERVAL"],
-    )
+def missing_note() -> str:
+    """What cannot be used here and how to install it, for a ``ConfigError`` ("" when nothing)."""
+    return "; ".join(MISSING.values())
 
 
-def _manager(config: Mapping[str, Any], instance_path: str) -> CounterStore:
-    from .manager import ManagerCounterStore
-
-    return ManagerCounterStore(
-        config["COUNTER_MANAGER_ADDRESS"],
-        config["COUNTER_MANAGER_AUTHKEY"],
-        key_prefix=config["COUNTER_KEY_PREFIX"],
-        timeout=config["COUNTER_TIMEOUT"],
-        pool_size=config["COUNTER_POOL_SIZE"],
-    )
-
-
-#: Flask-Caching backend name -> builder of the counter store that goes with it.
-BACKENDS: dict[str, Callable[[Mapping[str, Any], str], CounterStore]] = {
-    "FileSystemCache": _filesystem,
-    "SimpleCache": _memory,
-    "MemcachedCache": _memcached,
-    "RedisCache": _redis,
-    "RedisSentinelCache": _redis_sentinel,
-    "RedisClusterCache": _redis_cluster,
-    "sql": _sql,  # COUNTER_STORE = "sql"
-    "manager": _manager,  # COUNTER_STORE = "manager"
-}
-
-
-def build_store(config: Mapping[str, Any], instance_path: str) -> CounterStore:
-    """The one place that knows which backend is configured.  ``config`` is already checked;
-    ``instance_path`` is the app's instance folder."""
-    backend = config["STORE"]
+def store_class(name: Any) -> type[CounterStore]:
+    """The store registered under ``name``, or ``ConfigError`` listing the registered ones."""
     try:
-        builder = BACKENDS[backend]
-    except KeyError:
-        raise ValueError(
-            f"CACHE_TYPE {backend!r} has no counter store; use one of {', '.join(BACKENDS)}"
+        return REGISTRY[name]
+    except (KeyError, TypeError):
+        note = missing_note()
+        raise ConfigError(
+            f"no counter store is named {name!r}; the stores are {', '.join(REGISTRY)}"
+            + (f" (not available here: {note})" if note else "")
         ) from None
-    return builder(config, instance_path)
+
+
+def cache_type_stores() -> dict[str, type[CounterStore]]:
+    """Flask-Caching backend (class name) -> the store that follows it."""
+    return {cache_type: cls for cls in REGISTRY.values() for cache_type in cls.cache_types}
+
+
+def build_store(settings: Mapping[str, Any], instance_path: str) -> CounterStore:
+    """The store named by ``settings["STORE"]``, built from the checked settings."""
+    return store_class(settings["STORE"]).from_settings(settings, instance_path)

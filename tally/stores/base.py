@@ -1,4 +1,14 @@
-"""The one interface every counter store implements."""
+"""The one interface every counter store implements, the abilities a store may declare, and the
+registry every list of stores comes from.
+
+A store is a ``CounterStore`` subclass that sets ``backend`` (its name); defining the class registers
+it.  It declares, as class attributes and mixins, everything the rest of Tally needs to know about it:
+the Flask-Caching backends it follows (``cache_types``), how it is built from settings
+(``from_settings``, like Flask-Caching's ``factory``), and its abilities (``multi_process``,
+``combines_adds``, ``optimistic_updates``, ``waits_for_replicas``, ``SessionStorage``,
+``SchemaSupport``, ``ForkAdoption``).  Nothing outside a store's own module branches on which store it
+is, and nothing probes a store with ``getattr``.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +19,7 @@ import socket
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from ..errors import InvalidName, Overflow
@@ -83,6 +93,10 @@ def counter_name(text: str) -> str | None:
         return None
 
 
+#: Every store class by its name (``backend``), in the order their modules were imported.
+REGISTRY: dict[str, type[CounterStore]] = {}
+
+
 class CounterStore(ABC):
     """Named signed integers, each changed by one atomic step; and shared values (bytes), each
     replaced or updated by one atomic step.
@@ -93,13 +107,61 @@ class CounterStore(ABC):
     housekeeping of the store ever removes it.
     """
 
-    #: Short name shown by ``/healthz`` and the CLI.
+    #: The store's name: its key in ``REGISTRY``, the value of ``COUNTER_STORE`` that selects it (for
+    #: a store that follows no Flask-Caching backend), and what ``/healthz``, logs and the CLI show.
     backend: ClassVar[str]
+    #: The Flask-Caching backends (class names, e.g. ``"RedisCache"``) whose ``CACHE_TYPE`` selects
+    #: this store while ``COUNTER_STORE`` is unset.  Empty: only ``COUNTER_STORE = backend`` does.
+    cache_types: ClassVar[tuple[str, ...]] = ()
+    #: The ``pip install 'flask-tally[extra]'`` that brings the store's client library, if any.
+    extra: ClassVar[str | None] = None
     #: Whether several processes (gunicorn workers) may share the store.
     multi_process: ClassVar[bool]
+    #: Whether concurrent ``add`` calls on one key pay for sharing one step (``tally.combining``): true
+    #: where a step is a network round trip.  (An instance may decide from its settings.)
+    combines_adds: bool = False
+    #: Whether ``update_value`` is optimistic: it reads, computes and writes only if nothing changed,
+    #: calling ``change`` again after a conflict (``Conflict`` after ``VALUE_RETRIES``).  False: the
+    #: value is held under a lock while ``change`` runs, so it runs once and never conflicts.
+    optimistic_updates: ClassVar[bool] = False
+    #: Whether the store can wait for replicas to confirm each write (``COUNTER_MIN_REPLICAS``).
+    waits_for_replicas: ClassVar[bool] = False
+    #: Whether counters share a keyspace with the page cache on the same servers, kept apart only by
+    #: ``COUNTER_KEY_PREFIX`` (which then must not overlap ``CACHE_KEY_PREFIX``).
+    shares_cache_keyspace: ClassVar[bool] = False
     #: The inclusive range of values the store can hold; leaving it raises ``Overflow``.
     min_value: ClassVar[int] = INT64_MIN
     max_value: ClassVar[int] = INT64_MAX
+    #: What the store prepends to every key on a server shared with others ("" where it has none).
+    key_prefix: str = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("backend")
+        if name is None:
+            return  # a base for other stores, not a store of its own
+        if name in REGISTRY and REGISTRY[name].__qualname__ != cls.__qualname__:
+            raise TypeError(f"two stores are named {name!r}: {REGISTRY[name]!r} and {cls!r}")
+        REGISTRY[name] = cls
+
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, settings: Mapping[str, Any], instance_path: str) -> CounterStore:
+        """The store the checked ``settings`` describe (``tally.config.store_settings``)."""
+
+    @classmethod
+    def check_settings(
+        cls, config: Mapping[str, Any], settings: Mapping[str, Any], instance_path: str
+    ) -> dict[str, Any]:
+        """This store's own keys, resolved and checked at ``init_app`` (``config``: the app's config;
+        ``settings``: what is resolved so far); returned to be merged into ``settings``.  Raises
+        ``ConfigError`` naming the key."""
+        return {}
+
+    def where(self) -> str:
+        """Where the store keeps its data (servers, socket, database host or file, directory), for
+        log lines, ``/healthz`` with a token and cache scopes: never a password."""
+        return ""
 
     @abstractmethod
     def add(self, key: str, delta: int, ttl: int | None = None) -> int:
@@ -176,3 +238,45 @@ class CounterStore(ABC):
                 f" [{cls.min_value}, {cls.max_value}]; the counter is unchanged"
             )
         return value
+
+
+# -- abilities a store may add -------------------------------------------------------------------------
+
+
+class SessionStorage(ABC):
+    """A store that can keep server-side sessions on its own servers, under whole keys outside the
+    counters' prefix, with the same deadline and the same ``StoreUnavailable`` as a counter step
+    (``tally.sessions`` adapts it to Flask-Session)."""
+
+    #: The Flask-Session interface the adapter speaks: ``"redis"`` or ``"memcached"``.
+    session_protocol: ClassVar[str]
+
+    @abstractmethod
+    def session_get(self, key: str) -> bytes | None:
+        """The session stored under ``key``, ``None`` when missing or expired."""
+
+    @abstractmethod
+    def session_set(self, key: str, data: bytes, ttl: int) -> None:
+        """Store a session for ``ttl`` seconds; ``StoreUnavailable`` when it is not stored."""
+
+    @abstractmethod
+    def session_delete(self, key: str) -> bool:
+        """Remove a session; return whether it existed."""
+
+
+class SchemaSupport(ABC):
+    """A store whose tables an operator may create ahead of time (``flask counters init-db``)."""
+
+    @abstractmethod
+    def create_schema(self) -> None:
+        """Create the store's tables if they are missing; ``StoreUnavailable`` when unreachable."""
+
+
+class ForkAdoption(ABC):
+    """A store kept inside one process that a forked child may take over before it counts (gunicorn's
+    single worker, in ``post_fork``)."""
+
+    @abstractmethod
+    def adopt(self) -> None:
+        """Make the calling process the only one that counts; only a store holding nothing may be
+        adopted."""

@@ -25,10 +25,10 @@ import uuid
 import weakref
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from ..errors import CorruptCounter, CorruptValue, StoreUnavailable
+from ..errors import ConfigError, CorruptCounter, CorruptValue, StoreUnavailable
 from ..names import is_client_key
 from .base import CounterStore, KeyLocks, counter_name
 
@@ -73,7 +73,36 @@ class FileCounterStore(CounterStore):
     """
 
     backend = "filesystem"
+    cache_types = ("FileSystemCache",)
     multi_process = True
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], instance_path: str) -> FileCounterStore:
+        return cls(
+            settings["COUNTER_DIR"],
+            fsync=settings["COUNTER_FSYNC"],
+            sweep_interval=settings["COUNTER_SWEEP_INTERVAL"],
+        )
+
+    @classmethod
+    def check_settings(
+        cls, config: Mapping[str, Any], settings: Mapping[str, Any], instance_path: str
+    ) -> dict[str, Any]:
+        """``COUNTER_DIR`` may be neither the page cache's ``CACHE_DIR`` nor contain it: cachelib
+        deletes the plain files at the top of ``CACHE_DIR`` that it did not write (pruning,
+        ``clear()``), and nothing below (a directory there fails ``os.remove`` and is skipped)."""
+        if settings["CACHE_TYPE"] == "FileSystemCache" and settings.get("CACHE_DIR"):
+            counter_dir = settings["COUNTER_DIR"]
+            cache_dir = os.path.abspath(os.path.join(instance_path, os.fspath(settings["CACHE_DIR"])))
+            if os.path.commonpath([counter_dir, cache_dir]) == counter_dir:
+                raise ConfigError(
+                    f"COUNTER_DIR {counter_dir} must not be CACHE_DIR {cache_dir} nor contain it:"
+                    " cachelib deletes files it did not write in CACHE_DIR"
+                )
+        return {}
+
+    def where(self) -> str:
+        return self.directory
 
     def __init__(
         self,

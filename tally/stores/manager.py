@@ -55,7 +55,7 @@ from multiprocessing import managers
 from typing import Any
 
 from .. import metrics
-from ..errors import Conflict, CorruptCounter, StoreUnavailable
+from ..errors import ConfigError, Conflict, CorruptCounter, StoreUnavailable
 from ..keyfile import read_or_create
 from .base import (
     INT64_MAX,
@@ -88,10 +88,6 @@ SWEEP_INTERVAL = 60.0
 SNAPSHOT_FORMAT = "tally-manager-snapshot/1"
 
 # -- addresses and keys --------------------------------------------------------------------------------
-
-
-class ManagerConfigError(ValueError):
-    """A manager setting is unusable; ``tally.config`` reports it as a ``ConfigError``."""
 
 
 def default_address(instance_path: str) -> str:
@@ -130,21 +126,21 @@ def resolve_address(value: Any, instance_path: str, allow_remote: bool) -> str:
 
     Unset: ``manager.sock`` in the instance folder.  ``host:port`` (``[::1]:port`` for IPv6) must be on
     loopback unless ``allow_remote``.  Anything else is a Unix socket path, relative ones under the
-    instance folder.  Raises ``ManagerConfigError``.
+    instance folder.  Raises ``ConfigError``.
     """
     if value is None or value == "":
         return default_address(instance_path)
     if not isinstance(value, str):
-        raise ManagerConfigError(
+        raise ConfigError(
             f"setting COUNTER_MANAGER_ADDRESS must be a socket path or host:port; got {value!r}"
         )
     host, colon, port = value.rpartition(":")
     if colon and port.isdigit() and host and "/" not in value:
         if not 1 <= int(port) <= 65535:
-            raise ManagerConfigError(f"setting COUNTER_MANAGER_ADDRESS: port {port} is out of range")
+            raise ConfigError(f"setting COUNTER_MANAGER_ADDRESS: port {port} is out of range")
         bare = host.strip("[]")
         if not _is_loopback(bare) and not allow_remote:
-            raise ManagerConfigError(
+            raise ConfigError(
                 f"setting COUNTER_MANAGER_ADDRESS {value!r} is not a loopback address: the manager"
                 " protocol is pickle, so whoever can connect and knows the key can run code in it; use"
                 " a Unix socket or 127.0.0.1, or set"
@@ -163,7 +159,7 @@ def load_authkey(value: Any, instance_path: str) -> bytes:
     path = os.path.join(instance_path, AUTHKEY_FILE)
     key = read_or_create(path, lambda: secrets.token_hex(32)).encode()
     if len(key) < 32:
-        raise ManagerConfigError(
+        raise ConfigError(
             f"COUNTER_MANAGER_AUTHKEY: {path} holds no usable key; delete it to have a new one generated"
         )
     return key
@@ -427,14 +423,14 @@ EXPOSED = (
 
 def read_snapshot(path: str) -> dict[str, Any] | None:
     """The state saved at ``path`` (``None``: no file yet).  A file that is not a complete snapshot
-    raises ``ManagerConfigError``: starting empty would silently lose every counter in it."""
+    raises ``ConfigError``: starting empty would silently lose every counter in it."""
     try:
         with open(path, encoding="utf-8") as file:
             state = json.load(file)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as error:
-        raise ManagerConfigError(f"snapshot {path} cannot be read: {error}") from None
+        raise ConfigError(f"snapshot {path} cannot be read: {error}") from None
 
     def number_or_none(x: Any) -> bool:
         return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
@@ -454,7 +450,7 @@ def read_snapshot(path: str) -> dict[str, Any] | None:
     except (KeyError, TypeError, ValueError, AttributeError):
         valid = False
     if not valid:
-        raise ManagerConfigError(f"{path} is not a Tally manager snapshot; move it away to start empty")
+        raise ConfigError(f"{path} is not a Tally manager snapshot; move it away to start empty")
     return state
 
 
@@ -542,7 +538,7 @@ def serve(
         lock_fd = _hold_socket_lock(address)
         with contextlib.suppress(FileNotFoundError):
             if not stat.S_ISSOCK(os.lstat(address).st_mode):
-                raise ManagerConfigError(f"{address} exists and is not a socket")
+                raise ConfigError(f"{address} exists and is not a socket")
             os.unlink(address)  # we hold the lock: no manager serves it any more
     state = read_snapshot(snapshot) if snapshot else None
     table = CounterTable(state)
@@ -825,6 +821,26 @@ class ManagerCounterStore(CounterStore):
     backend = "manager"
     multi_process = True
     combines_adds = True  # a step is a round trip: concurrent ones may share it (tally.combining)
+    optimistic_updates = True  # a version check in the manager
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], instance_path: str) -> ManagerCounterStore:
+        return cls(
+            settings["COUNTER_MANAGER_ADDRESS"],
+            settings["COUNTER_MANAGER_AUTHKEY"],
+            key_prefix=settings["COUNTER_KEY_PREFIX"],
+            timeout=settings["COUNTER_TIMEOUT"],
+            pool_size=settings["COUNTER_POOL_SIZE"],
+        )
+
+    @classmethod
+    def check_settings(
+        cls, config: Mapping[str, Any], settings: Mapping[str, Any], instance_path: str
+    ) -> dict[str, Any]:
+        return manager_settings(config, instance_path)
+
+    def where(self) -> str:
+        return self.address
 
     def __init__(
         self,
@@ -837,7 +853,6 @@ class ManagerCounterStore(CounterStore):
     ) -> None:
         self.address = address
         self.key_prefix = key_prefix  # apps sharing one manager keep apart, as on memcached and Redis
-        self.servers = [address]  # as the server stores name theirs (logs, the leaderboard's cache scope)
         self.timeout = timeout
         self._authkey = authkey
         self._pool_size = pool_size
@@ -970,7 +985,7 @@ def main(argv: list[str] | None = None) -> None:
             snapshot_interval=options.snapshot_interval,
             parent_pid=options.parent,
         )
-    except (ManagerRunning, ManagerConfigError) as error:
+    except (ManagerRunning, ConfigError) as error:
         raise SystemExit(f"tally: {error}") from None
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import socket
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,7 +28,7 @@ from pymemcache.exceptions import MemcacheClientError, MemcacheError
 
 from .. import metrics
 from ..errors import Conflict, CorruptCounter, StoreUnavailable
-from .base import VALUE_RETRIES, CounterStore, KeyLocks, counter_name, pause_after_conflict
+from .base import VALUE_RETRIES, CounterStore, KeyLocks, SessionStorage, counter_name, pause_after_conflict
 from .memcached_client import Connection, PoolExhausted, ServerConnections, parse_address, server_for
 
 OFFSET = 2**62
@@ -51,7 +51,7 @@ def memcached_expiry(ttl: int | None) -> int:
     return ttl if ttl <= RELATIVE_EXPIRY_MAX else int(time.time()) + ttl
 
 
-class MemcachedCounterStore(CounterStore):
+class MemcachedCounterStore(CounterStore, SessionStorage):
     """Atomic across every process and host sharing the servers; one round trip per step.
 
     Values live only in memcached's memory: a restart of a server, ``flush_all`` (Flask-Caching's
@@ -63,8 +63,13 @@ class MemcachedCounterStore(CounterStore):
     """
 
     backend = "memcached"
+    cache_types = ("MemcachedCache",)
+    extra = "memcached"
     multi_process = True
     combines_adds = True  # a step is a round trip: concurrent ones may share it (tally.combining)
+    optimistic_updates = True  # gets, then cas
+    shares_cache_keyspace = True
+    session_protocol = "memcached"
     min_value = -LIMIT
     max_value = LIMIT
 
@@ -86,6 +91,18 @@ class MemcachedCounterStore(CounterStore):
         self._built_at = time.time()
         self._logged_starts: dict[str, float] = {}
         self._update_locks = KeyLocks()
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], instance_path: str) -> MemcachedCounterStore:
+        return cls(
+            settings["CACHE_MEMCACHED_SERVERS"],
+            key_prefix=settings["COUNTER_KEY_PREFIX"],
+            timeout=settings["COUNTER_TIMEOUT"],
+            pool_size=settings["COUNTER_POOL_SIZE"],
+        )
+
+    def where(self) -> str:
+        return ", ".join(self.servers)
 
     def _key(self, key: str) -> str:
         return self.key_prefix + key
@@ -307,11 +324,22 @@ class MemcachedCounterStore(CounterStore):
             return None
         return counter_name(key[len(self.key_prefix) :])
 
-    def session_client(self) -> MemcachedSessionClient:
-        """A client for Flask-Session (``get``, ``set``, ``delete``) on these servers and connections,
-        with the same guarantees: a deadline per command, no key moved off a server that is down,
-        and ``StoreUnavailable`` for every failure."""
-        return MemcachedSessionClient(self)
+    # -- server-side sessions: whole keys on their one server (never moved off a server that is down,
+    # where the session would not be found and the browser would seem new) --------------------------
+
+    def session_get(self, key: str) -> bytes | None:
+        with self._client(key) as client:
+            data: bytes | None = client.call("get", key)
+            return data
+
+    def session_set(self, key: str, data: bytes, ttl: int) -> None:
+        with self._client(key) as client:
+            if not client.call("set", key, data, ttl):
+                raise StoreUnavailable(f"memcached refused to store session {key!r}")
+
+    def session_delete(self, key: str) -> bool:
+        with self._client(key) as client:
+            return bool(client.call("delete", key))
 
     def health(self) -> dict[str, Any]:
         servers = []
@@ -355,30 +383,3 @@ class MemcachedCounterStore(CounterStore):
     def close(self) -> None:
         for connections in self._connections.values():
             connections.close()
-
-
-class MemcachedSessionClient:
-    """Flask-Session's memcached client protocol over a ``MemcachedCounterStore``'s connections.
-
-    pymemcache's ``HashClient`` (Flask-Session's usual choice) takes a failing server out of its ring,
-    so a session would be looked up on another server, not found, and the browser would get a new
-    client id: its per-client counters would seem to start again from 0.  Here a session lives on its
-    one server, and an outage of that server is a 503, as for a counter.
-    """
-
-    def __init__(self, store: MemcachedCounterStore) -> None:
-        self._store = store
-
-    def get(self, key: str) -> bytes | None:
-        with self._store._client(key) as client:
-            return client.call("get", key)
-
-    def set(self, key: str, value: bytes, timeout: int) -> bool:
-        with self._store._client(key) as client:
-            if not client.call("set", key, value, timeout):  # Flask-Session gives exptime
-                raise StoreUnavailable(f"memcached refused to store session {key!r}")
-            return True
-
-    def delete(self, key: str) -> bool:
-        with self._store._client(key) as client:
-            return bool(client.call("delete", key))

@@ -6,23 +6,27 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import NotOneProcess
-from .base import CounterStore, counter_name
+from .base import REGISTRY, CounterStore, ForkAdoption, counter_name
 
 #: Lock files this process holds, by path: one open descriptor per file, whatever the number of stores.
 _HELD_LOCKS: dict[str, int] = {}
 _HELD_LOCKS_GUARD = threading.Lock()
 
-FIX = (
-    "use a shared store (FileSystemCache, MemcachedCache, RedisCache) or serve from one process with"
-    " threads (gunicorn -w 1 --threads N, app.run(threaded=True), flask run)"
-)
+
+def fix() -> str:
+    """What to do instead, naming every store that several processes can share."""
+    shared = ", ".join(name for name, cls in REGISTRY.items() if cls.multi_process)
+    return (
+        f"use a shared store ({shared}) or serve from one process with threads"
+        " (gunicorn -w 1 --threads N, app.run(threaded=True), flask run)"
+    )
 
 
-class MemoryCounterStore(CounterStore):
+class MemoryCounterStore(CounterStore, ForkAdoption):
     """Atomic across the threads of one process (one lock); nothing is shared between processes.
 
     It never hands out a number another process could hand out too.  Every operation raises
@@ -38,6 +42,7 @@ class MemoryCounterStore(CounterStore):
     """
 
     backend = "memory"
+    cache_types = ("SimpleCache",)
     multi_process = False
     #: Expired per-client entries are dropped at most this often, on a write.
     sweep_interval = 60.0
@@ -49,6 +54,10 @@ class MemoryCounterStore(CounterStore):
         self._values: dict[str, tuple[int, float | None]] = {}
         self._shared: dict[str, tuple[bytes, float | None]] = {}
         self._next_sweep = time.monotonic() + self.sweep_interval
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], instance_path: str) -> MemoryCounterStore:
+        return cls(lock_path=os.path.join(instance_path, "memory-store.lock"))
 
     def adopt(self) -> None:
         """Make the calling process (a fork of the builder that will be the only one to count) the
@@ -63,7 +72,7 @@ class MemoryCounterStore(CounterStore):
         if pid != self._owner:
             raise NotOneProcess(
                 f"the memory store keeps counts inside process {self._owner}, but this request runs in"
-                f" process {pid}, forked from it, whose counts would be lost: {FIX}"
+                f" process {pid}, forked from it, whose counts would be lost: {fix()}"
             )
         if self._lock_path is not None:
             _hold_lock(self._lock_path)
@@ -180,6 +189,6 @@ def _hold_lock(path: str) -> None:
             os.close(fd)
             raise NotOneProcess(
                 f"another process of this app is counting in its own memory store ({path} is locked):"
-                f" each process would count on its own; {FIX}"
+                f" each process would count on its own; {fix()}"
             ) from None
         _HELD_LOCKS[path] = fd

@@ -4,7 +4,7 @@ key's slot, so counters spread over every primary."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import redis
@@ -33,6 +33,18 @@ class RedisClusterCounterStore(RedisCounterStore):
     """
 
     backend = "redis-cluster"
+    cache_types = ("RedisClusterCache",)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], instance_path: str) -> RedisClusterCounterStore:
+        return cls(
+            settings["CACHE_REDIS_CLUSTER"],
+            password=settings["CACHE_REDIS_PASSWORD"],
+            key_prefix=settings["COUNTER_KEY_PREFIX"],
+            timeout=settings["COUNTER_TIMEOUT"],
+            pool_size=settings["COUNTER_POOL_SIZE"],
+            min_replicas=settings["COUNTER_MIN_REPLICAS"],
+        )
 
     def __init__(
         self,
@@ -91,7 +103,7 @@ class RedisClusterCounterStore(RedisCounterStore):
             self._reload_slots = True
             raise
 
-    def _where(self) -> str:
+    def where(self) -> str:
         return "cluster " + ",".join(f"{host}:{port}" for host, port in self.nodes)
 
     def health(self) -> dict[str, Any]:

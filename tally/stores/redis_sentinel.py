@@ -3,6 +3,7 @@ the sentinels, so that a failover moves the counters to the promoted replica wit
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from redis.sentinel import Sentinel
@@ -26,6 +27,21 @@ class RedisSentinelCounterStore(RedisCounterStore):
     """
 
     backend = "redis-sentinel"
+    cache_types = ("RedisSentinelCache",)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], instance_path: str) -> RedisSentinelCounterStore:
+        return cls(
+            settings["CACHE_REDIS_SENTINELS"],
+            settings["CACHE_REDIS_SENTINEL_MASTER"],
+            password=settings["CACHE_REDIS_PASSWORD"],
+            sentinel_password=settings["CACHE_REDIS_SENTINEL_PASSWORD"],
+            db=settings["CACHE_REDIS_DB"],
+            key_prefix=settings["COUNTER_KEY_PREFIX"],
+            timeout=settings["COUNTER_TIMEOUT"],
+            pool_size=settings["COUNTER_POOL_SIZE"],
+            min_replicas=settings["COUNTER_MIN_REPLICAS"],
+        )
 
     def __init__(
         self,
@@ -61,7 +77,7 @@ class RedisSentinelCounterStore(RedisCounterStore):
         self._redis = self._sentinel.master_for(master)
         self._set_up(key_prefix, timeout, min_replicas)
 
-    def _where(self) -> str:
+    def where(self) -> str:
         return f"{self.master} via sentinels {','.join(f'{h}:{p}' for h, p in self.sentinels)}"
 
     def health(self) -> dict[str, Any]:

@@ -6,7 +6,7 @@ One class holds every Redis mechanism; the Sentinel and Cluster stores (``redis_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -17,7 +17,7 @@ from redis.retry import Retry
 
 from .. import metrics
 from ..errors import Conflict, CorruptCounter, Overflow, ReplicationUnconfirmed, StoreUnavailable
-from .base import VALUE_RETRIES, CounterStore, KeyLocks, counter_name, pause_after_conflict
+from .base import VALUE_RETRIES, CounterStore, KeyLocks, SessionStorage, counter_name, pause_after_conflict
 
 #: Keys Redis looks at per ``SCAN`` call while enumerating counter names (a hint, not a bound).
 SCAN_COUNT = 1000
@@ -61,7 +61,7 @@ def no_retries() -> Retry:
     return Retry(NoBackoff(), 0)
 
 
-class RedisCounterStore(CounterStore):
+class RedisCounterStore(CounterStore, SessionStorage):
     """Atomic across every process and host using the server; Redis checks int64 overflow itself.
 
     Commands are never retried by the client: a retried ``INCRBY`` whose first reply was lost would
@@ -80,8 +80,24 @@ class RedisCounterStore(CounterStore):
     """
 
     backend = "redis"
+    cache_types = ("RedisCache",)
+    extra = "redis"
     multi_process = True
     combines_adds = True  # a step is a round trip: concurrent ones may share it (tally.combining)
+    optimistic_updates = True  # a compare-and-set script on the bytes read
+    waits_for_replicas = True
+    shares_cache_keyspace = True
+    session_protocol = "redis"
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], instance_path: str) -> RedisCounterStore:
+        return cls(
+            settings["CACHE_REDIS_URL"],
+            key_prefix=settings["COUNTER_KEY_PREFIX"],
+            timeout=settings["COUNTER_TIMEOUT"],
+            pool_size=settings["COUNTER_POOL_SIZE"],
+            min_replicas=settings["COUNTER_MIN_REPLICAS"],
+        )
 
     def __init__(
         self,
@@ -125,7 +141,7 @@ class RedisCounterStore(CounterStore):
         """A client of every primary (one here; one per shard in a cluster)."""
         return [self._redis]
 
-    def _where(self) -> str:
+    def where(self) -> str:
         kwargs = self._redis.connection_pool.connection_kwargs
         return f"{kwargs.get('host', kwargs.get('path'))}:{kwargs.get('port', '')}/{kwargs.get('db', 0)}"
 
@@ -136,16 +152,16 @@ class RedisCounterStore(CounterStore):
         try:
             yield
         except (redis.ConnectionError, redis.TimeoutError) as error:
-            raise StoreUnavailable(f"{self.backend} {self._where()}: {error}") from error
+            raise StoreUnavailable(f"{self.backend} {self.where()}: {error}") from error
         except redis.ResponseError as error:
             message = str(error)
             if "overflow" in message:
                 raise Overflow(f"counter {key!r}: {message}; the counter is unchanged") from error
             if "not an integer" in message or "WRONGTYPE" in message:
                 raise CorruptCounter(f"counter {key!r}: Redis holds a value that is not a counter") from error
-            raise StoreUnavailable(f"{self.backend} {self._where()}: {message}") from error
+            raise StoreUnavailable(f"{self.backend} {self.where()}: {message}") from error
         except (redis.RedisError, RedisClusterException) as error:  # topology errors: no answer, no guess
-            raise StoreUnavailable(f"{self.backend} {self._where()}: {error}") from error
+            raise StoreUnavailable(f"{self.backend} {self.where()}: {error}") from error
 
     def _key(self, key: str) -> str:
         return self.key_prefix + key
@@ -287,7 +303,7 @@ class RedisCounterStore(CounterStore):
             persistence = primaries[0].info("persistence")
             replication = [client.info("replication") for client in primaries]
         details = {
-            "server": self._where(),
+            "server": self.where(),
             "redis_version": info.get("redis_version"),
             "uptime": info.get("uptime_in_seconds"),
             "aof_enabled": bool(persistence.get("aof_enabled")),
@@ -298,41 +314,20 @@ class RedisCounterStore(CounterStore):
             details["replicas"] = details["replicas"][0]
         return details
 
-    def session_client(self) -> RedisSessions:
-        """A client for Flask-Session's redis interface on this store's primaries: whole keys (outside
-        the counters' prefix), its timeout, ``WAIT`` as configured; failures raise
-        ``StoreUnavailable``."""
-        return RedisSessions(self)
+    # -- server-side sessions: whole keys, outside the counters' prefix, WAIT as configured -----------
+
+    def session_get(self, key: str) -> bytes | None:
+        with self._errors():
+            reply: bytes | None = self._read(key, "GET", key)
+            return reply
+
+    def session_set(self, key: str, data: bytes, ttl: int) -> None:
+        with self._errors():
+            self._write(key, "SET", key, data, *(("EX", ttl) if ttl else ()))
+
+    def session_delete(self, key: str) -> bool:
+        with self._errors():
+            return bool(int(self._write(key, "DEL", key)))
 
     def close(self) -> None:
         self._redis.connection_pool.disconnect()
-
-
-class RedisSessions(redis.Redis):
-    """The three calls Flask-Session's ``RedisSessionInterface`` makes (``get``, ``set``,
-    ``delete``), answered on a ``RedisCounterStore``'s primaries.  It is a ``redis.Redis`` only
-    because Flask-Session accepts nothing else; no pool of its own is set up or used."""
-
-    def __init__(self, store: RedisCounterStore) -> None:  # no super().__init__(): no pool of its own
-        self._store = store
-
-    def get(self, name: str) -> bytes | None:
-        with self._store._errors():
-            return self._store._read(name, "GET", name)
-
-    def set(self, name: str, value: bytes, ex: int | None = None, **_: Any) -> None:
-        with self._store._errors():
-            self._store._write(name, "SET", name, value, *(("EX", ex) if ex else ()))
-
-    def delete(self, *names: str) -> int:
-        with self._store._errors():
-            return sum(int(self._store._write(name, "DEL", name)) for name in names)
-
-    def close(self) -> None:
-        """The store's connections are the store's to close."""
-
-    def __del__(self) -> None:
-        pass
-
-    def __repr__(self) -> str:
-        return f"<RedisSessions on {self._store._where()}>"

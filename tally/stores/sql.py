@@ -41,7 +41,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -66,10 +66,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError
 
-from ..config import ConfigError
-from ..errors import Overflow, StoreUnavailable
-from .base import INT64_MAX, INT64_MIN, CounterStore, KeyLocks, counter_name
+from ..errors import ConfigError, Overflow, StoreUnavailable
+from .base import INT64_MAX, INT64_MIN, CounterStore, KeyLocks, SchemaSupport, counter_name
 
 #: The schema, for ``metadata.create_all`` or an app's own migrations (Alembic: include ``metadata``).
 metadata = MetaData()
@@ -91,6 +91,8 @@ values_table = Table(
     Column("expires_at", BigInteger, nullable=True),
 )
 
+#: The database of COUNTER_STORE = "sql" when SQLALCHEMY_DATABASE_URI is not set (in the instance folder).
+DEFAULT_DATABASE_URI = "sqlite:///tally.db"
 SQLITE_MIN_VERSION = (3, 35, 0)  # RETURNING
 SQLITE_BUSY, SQLITE_LOCKED = 5, 6
 #: SQLite's own wait for a lock before Tally tries again (see ``_execute``).
@@ -235,7 +237,33 @@ def _shut_down(fd: int) -> None:
         sock.detach()  # the driver still owns the descriptor and closes it
 
 
-class SqlCounterStore(CounterStore):
+def database_uri(uri: Any, instance_path: str) -> str:
+    """``SQLALCHEMY_DATABASE_URI`` for the sql store: ``sqlite:///relative.db`` resolved under the
+    instance folder, ``postgresql://`` driven by psycopg 3; anything else is a ``ConfigError``."""
+    try:
+        url = make_url(os.fspath(uri) if isinstance(uri, os.PathLike) else uri)
+    except (ArgumentError, TypeError, ValueError) as error:
+        raise ConfigError(
+            f"setting SQLALCHEMY_DATABASE_URI must be a database URL; got {uri!r}: {error}"
+        ) from None
+    if url.drivername in ("sqlite", "sqlite+pysqlite"):
+        if not url.database or url.database == ":memory:":
+            raise ConfigError(
+                "SQLALCHEMY_DATABASE_URI: an in-memory SQLite database is private to one connection;"
+                " name a file (sqlite:///tally.db is created in the instance folder)"
+            )
+        path = os.path.abspath(os.path.join(instance_path, url.database))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return url.set(drivername="sqlite", database=path).render_as_string(hide_password=False)
+    if url.drivername in ("postgresql", "postgresql+psycopg"):
+        return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    raise ConfigError(
+        f"SQLALCHEMY_DATABASE_URI {url.render_as_string(hide_password=True)!r}: the sql store supports"
+        " sqlite:///... and postgresql+psycopg://..."
+    )
+
+
+class SqlCounterStore(CounterStore, SchemaSupport):
     """Atomic in the database: one ``INSERT ... ON CONFLICT ... RETURNING`` per step.
 
     SQLite: the processes of one host (WAL, a lock waited for up to ``timeout``); PostgreSQL: every
@@ -246,7 +274,28 @@ class SqlCounterStore(CounterStore):
     """
 
     backend = "sql"
+    extra = "sql"
     multi_process = True
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], instance_path: str) -> SqlCounterStore:
+        return cls(
+            settings["SQLALCHEMY_DATABASE_URI"],
+            key_prefix=settings["COUNTER_KEY_PREFIX"],
+            timeout=settings["COUNTER_TIMEOUT"],
+            pool_size=settings["COUNTER_POOL_SIZE"],
+            fsync=settings["COUNTER_FSYNC"],
+            sweep_interval=settings["COUNTER_SWEEP_INTERVAL"],
+        )
+
+    @classmethod
+    def check_settings(
+        cls, config: Mapping[str, Any], settings: Mapping[str, Any], instance_path: str
+    ) -> dict[str, Any]:
+        """``SQLALCHEMY_DATABASE_URI`` (Flask-SQLAlchemy's key; unset: ``tally.db`` in the instance
+        folder)."""
+        uri = config.get("SQLALCHEMY_DATABASE_URI") or DEFAULT_DATABASE_URI
+        return {"SQLALCHEMY_DATABASE_URI": database_uri(uri, instance_path)}
 
     def __init__(
         self,
@@ -261,6 +310,11 @@ class SqlCounterStore(CounterStore):
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         self.url = parsed.render_as_string(hide_password=True)
+        self._where = (
+            parsed.database or ""
+            if self.dialect == "sqlite"
+            else (f"{parsed.host or ''}:{parsed.port or ''}/{parsed.database or ''}")
+        )
         if len(key_prefix) > MAX_PREFIX:
             raise ConfigError(f"COUNTER_KEY_PREFIX must be at most {MAX_PREFIX} characters for the sql store")
         self.key_prefix = key_prefix
@@ -282,6 +336,9 @@ class SqlCounterStore(CounterStore):
         self._writer = threading.Lock()
         self._update_locks = KeyLocks()
         self._pid = os.getpid()
+
+    def where(self) -> str:
+        return self._where
 
     # -- engines -------------------------------------------------------------------------------------
 
