@@ -69,6 +69,13 @@ race-report: $(VENV)/.test servers
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PIP) install -e '.[charts]'
 	$(PY) bench/race_report.py
 
+# The documentation (docs/: Sphinx, Markdown pages through MyST), every warning an error; open
+# docs/_build/html/index.html.  Phony on its own line: the docs/ directory would otherwise be "up to date".
+.PHONY: docs
+docs: $(VENV)/.base
+	$(PY) -c "import sphinx, myst_parser" 2>/dev/null || $(PIP) install -e '.[docs]'
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
