@@ -50,14 +50,19 @@ servers:
 		echo "  Debian: sudo apt-get install memcached redis-server postgresql chromium chromium-driver"; exit 1; \
 	fi
 
+# Two pytest-xdist workers: the load tests (gunicorn, development servers) run one at a time on one
+# of them (tests/conftest.py puts them in one xdist group), everything else on the other.
+TEST_WORKERS ?= 2
 test: $(VENV)/.test servers
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # The long runs of the race tests: every keep-alive shared-set round 30 times, on fresh gunicorn;
-# the Redis failover under load 10 times per topology, each on a fresh topology.
+# the Redis failover under load 10 times per topology, each on a fresh topology; every shared store
+# under every server model (32 cells; make test runs 8 of them).
 stress: $(VENV)/.test servers
 	TALLY_STRESS_ROUNDS=$${TALLY_STRESS_ROUNDS:-30} $(PY) -m pytest -p no:randomly -x tests/test_concurrency.py -k keep_alive_clients
 	TALLY_STRESS_ROUNDS=$${TALLY_FAILOVER_ROUNDS:-10} $(PY) -m pytest -p no:randomly -x tests/test_redis_topologies.py -k failover
+	TALLY_FULL_MATRIX=1 $(PY) -m pytest -p no:randomly -x tests/test_server_models.py
 
 bench: $(VENV)/.test servers
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PIP) install -e '.[charts]'
@@ -78,6 +83,7 @@ docs: $(VENV)/.base
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(PY) -m mypy --strict tally
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache

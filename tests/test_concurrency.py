@@ -192,11 +192,8 @@ def test_a_shared_set_keeps_every_acknowledged_add_from_keep_alive_clients(
     released together, 20 adds each to a new key.  Every add answers 200 within the request timeout
     and every acknowledged member is kept.  On pylibmc (libmemcached 1.0.16) memcached rounds failed
     about one in eight: a worker spinning in ``memcached_purge`` (hang), or acknowledged adds lost
-    with 503s.  COUNTER_TIMEOUT is 2 s here, not 0.5: on a loaded 2-core machine a Redis that fsyncs
-    every write (the tests' appendfsync always) answered 1-3 of 2,000 adds after 0.5 s, a correct
-    503 that says nothing about this race (seen on the code before and after the store registry)."""
-    settings = {**store_settings(backend), "COUNTER_TIMEOUT": 2.0}
-    server = serve(settings_env(settings), workers=4, threads=8)
+    with 503s."""
+    server = serve(settings_env(store_settings(backend)), workers=4, threads=8)
     report = run_load(
         f"{server.url}/api/shared/keepalive-{round_}/add",
         clients=CLIENTS,

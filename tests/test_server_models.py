@@ -10,6 +10,7 @@ race-report``; what gevent does to each store's client is tests/test_gevent.py.
 
 from __future__ import annotations
 
+import collections
 import http.client
 import json
 import os
@@ -20,7 +21,7 @@ import time
 import pytest
 
 from tally.loadcheck import run_load
-from tests.conftest import SHARED_BACKENDS, settings_env
+from tests.conftest import SHARED_BACKENDS, settings_env, under_load
 from tests.servers import ROOT, DevServer, FlaskDevServer, Gunicorn, child_pids, process_state
 
 pytestmark = pytest.mark.slow
@@ -33,6 +34,7 @@ def dev_server():
     started: list[Gunicorn] = []
 
     def start(env: dict[str, str], model: str, **options) -> Gunicorn:
+        env = under_load(env)
         if model == "flask run":
             server: Gunicorn = FlaskDevServer(env, **options)
         elif model == "gevent":
@@ -57,8 +59,18 @@ def post(server, path: str) -> tuple[int, dict]:
         connection.close()
 
 
-@pytest.mark.parametrize("model", ["threaded", "processes=4", "flask run", "gevent"])
-@pytest.mark.parametrize("backend", SHARED_BACKENDS)
+MODELS = ["threaded", "processes=4", "flask run", "gevent"]
+#: ``make test`` runs each shared store under one model, the models in turn (8 cells: every store
+#: once, every model twice); ``make stress`` (TALLY_FULL_MATRIX=1) runs all 32 cells, and ``make
+#: race-report`` every store under every model through the load checker.
+CELLS = (
+    [(backend, model) for backend in SHARED_BACKENDS for model in MODELS]
+    if os.environ.get("TALLY_FULL_MATRIX") == "1"
+    else [(backend, MODELS[i % len(MODELS)]) for i, backend in enumerate(SHARED_BACKENDS)]
+)
+
+
+@pytest.mark.parametrize("backend, model", CELLS)
 def test_every_server_model_stays_exact_on_shared_stores(dev_server, store_settings, backend, model):
     server = dev_server(settings_env(store_settings(backend)), model)
     report = run_load(f"{server.url}/api/counters/dev/incr", clients=20, requests=10, keepalive=False)
@@ -116,12 +128,18 @@ def test_the_memory_store_in_workers_that_each_built_the_app_counts_in_one_only(
     handed out are never repeated."""
     env = settings_env(store_settings("memory"))
     server = serve(env, workers=3, threads=4, app="app:app", use_project_config=False)
-    report = run_load(f"{server.url}/api/counters/m/incr", clients=30, requests=10, keepalive=False)
-    assert report.errors == {}
-    assert set(report.statuses) <= {200, 500}
-    assert report.duplicates == 0
-    assert sorted(report.values) == list(range(1, report.ok + 1))
-    assert report.statuses[500] > 0  # several workers served, and the others refused
+    values: list[int] = []
+    statuses: collections.Counter[int] = collections.Counter()
+    for _ in range(5):  # which worker accepts is the kernel's choice: a busy machine may pick one
+        report = run_load(f"{server.url}/api/counters/m/incr", clients=30, requests=10, keepalive=False)
+        assert report.errors == {}
+        values += report.values
+        statuses.update(report.statuses)
+        if statuses[500]:
+            break
+    assert set(statuses) <= {200, 500}
+    assert sorted(values) == list(range(1, statuses[200] + 1))  # never a number twice
+    assert statuses[500] > 0  # several workers served, and the others refused
 
 
 def test_a_worker_with_a_stuck_request_exits_on_sigterm_within_graceful_timeout():
