@@ -6,7 +6,7 @@ threads), gunicorn gevent (4 workers, TALLY_WORKER_CLASS=gevent), ``flask run --
 ``app.run(threaded=True)`` and ``app.run(processes=4)`` (Werkzeug's forking server: a fork per request);
 drives it with 100 clients x 30 POSTs (a new connection per request, so requests spread over the
 workers), and prints one table.  The naive variants come from tests/naive_app.py; the Tally rows are
-the real app on each store (the manager store's row when tally/stores/manager.py is there).  The
+the real app on each store (the manager store's row when the registry has it).  The
 memory store runs with one gunicorn worker; a fork per request is refused by it, shown as "refused".
 ``--quick``: 30 clients x 20 POSTs.  Every process started here is stopped by its pid.  With
 matplotlib (the ``charts`` extra) it also draws the duplicates per variant and server into
@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import machine  # noqa: E402
 from tally.loadcheck import LoadReport, run_load  # noqa: E402
+from tally.stores import REGISTRY  # noqa: E402
 from tests.redis_topologies import MASTER_NAME, ClusterTopology, SentinelTopology  # noqa: E402
 from tests.servers import DevServer, FlaskDevServer, Gunicorn, Memcached, Postgres, Redis  # noqa: E402
 
@@ -44,7 +45,7 @@ SERVERS = (
     "app.run(threaded=True)",
     "app.run(processes=4)",
 )
-HAVE_MANAGER = (ROOT / "tally" / "stores" / "manager.py").exists()
+HAVE_MANAGER = "manager" in REGISTRY  # the registry of stores lists it
 #: The Redis topologies' settings (FLASK_ names without the prefix), filled in by main() once started.
 TOPOLOGIES: dict[str, dict[str, str]] = {}
 

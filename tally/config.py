@@ -228,7 +228,7 @@ def _redis_topology(config: Mapping[str, Any], backend: str) -> dict[str, Any]:
 def _topology_of(backend: Any) -> dict[str, Any]:
     """What a Flask-Caching ``RedisSentinelCache`` or ``RedisClusterCache`` object was built with."""
     client = backend._write_client
-    pool = getattr(client, "connection_pool", None)
+    pool: Any = getattr(client, "connection_pool", None)  # redis-py's objects, read by duck typing
     manager = getattr(pool, "sentinel_manager", None)
     if manager is not None:
         kwargs = pool.connection_kwargs
@@ -272,7 +272,7 @@ def _redis_url_of(client: Any) -> str | None:
 def _memcached_addresses(backend: Any) -> list[str] | None:
     """The servers of cachelib's MemcachedCache: its client, or a client of its pool (pylibmc's
     ``addresses``; python-memcached's ``servers``)."""
-    client = getattr(backend, "_client", None)
+    client: Any = getattr(backend, "_client", None)  # pylibmc's or python-memcached's client
     if getattr(client, "addresses", None) is None and hasattr(backend, "_client_context"):
         with backend._client_context() as pooled:
             client = pooled

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, current_app
@@ -27,7 +28,7 @@ def set_up_store(app: Flask, cache: Any = None) -> CounterStore:
     given); ``Counters`` and ``SharedValues`` share it.  Raises ``ConfigError`` at start-up for any
     bad setting or a backend Tally cannot make atomic."""
     if EXTENSION_KEY in app.extensions:
-        return app.extensions[EXTENSION_KEY]
+        return _app_store(app)
     backend = None
     if cache is not None:
         try:
@@ -43,6 +44,12 @@ def set_up_store(app: Flask, cache: Any = None) -> CounterStore:
     app.extensions[EXTENSION_KEY] = store
     combine = settings["COUNTER_COMBINE"] and store.combines_adds
     app.extensions[ADD_KEY] = Combiner(store.add).add if combine else store.add
+    return store
+
+
+def _app_store(app: Flask) -> CounterStore:
+    """The counter store ``set_up_store`` built for ``app``."""
+    store: CounterStore = app.extensions[EXTENSION_KEY]
     return store
 
 
@@ -97,7 +104,7 @@ class Counters(_Extension):
 
     @property
     def store(self) -> CounterStore:
-        return current_app.extensions[EXTENSION_KEY]
+        return _app_store(current_app)
 
     def incr(self, name: str, by: int = 1) -> int:
         """Add ``by`` (1 .. 2**63-1) to counter ``name`` and return the new value.  Concurrent calls
@@ -105,13 +112,15 @@ class Counters(_Extension):
         counted and timed as its own step."""
         extensions = current_app.extensions
         key, amount = validate_name(name), _check_amount(by)
-        return metrics.measure(extensions[EXTENSION_KEY], "incr", key, extensions[ADD_KEY], amount)
+        add: Callable[[str, int], int] = extensions[ADD_KEY]
+        return metrics.measure(extensions[EXTENSION_KEY], "incr", key, add, amount)
 
     def decr(self, name: str, by: int = 1) -> int:
         """Subtract ``by`` from counter ``name`` and return the new value (may go below zero)."""
         extensions = current_app.extensions
         key, amount = validate_name(name), -_check_amount(by)
-        return metrics.measure(extensions[EXTENSION_KEY], "decr", key, extensions[ADD_KEY], amount)
+        add: Callable[[str, int], int] = extensions[ADD_KEY]
+        return metrics.measure(extensions[EXTENSION_KEY], "decr", key, add, amount)
 
     def get(self, name: str) -> int:
         """The current value of ``name``; 0 for a counter never written."""

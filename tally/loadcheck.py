@@ -24,8 +24,8 @@ class LoadReport:
 
     sent: int = 0
     values: list[int] = field(default_factory=list)
-    statuses: Counter = field(default_factory=Counter)
-    errors: Counter = field(default_factory=Counter)
+    statuses: Counter[int] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -104,8 +104,12 @@ def run_load(
     waits at most ``timeout`` s; no request starts after ``deadline`` s.  ``on_response`` is called
     (from the client threads) after every request, for a progress display.  With
     ``integer_values`` false the responses' values are not collected (routes that return other JSON).
+    A ``url`` without a host raises ``ValueError``.
     """
     parts = urlsplit(url)
+    host = parts.hostname
+    if not host:  # each client thread would die at its first connection, and the report be empty
+        raise ValueError(f"run_load needs an absolute URL with a host; got {url!r}")
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     report = LoadReport()
@@ -120,8 +124,11 @@ def run_load(
         send_headers["Connection"] = "close"
 
     def client(number: int) -> None:
-        connection = connection_class(parts.hostname, parts.port, timeout=timeout)
-        values, statuses, errors, latencies = [], Counter(), Counter(), []
+        connection = connection_class(host, parts.port, timeout=timeout)
+        values: list[int] = []
+        statuses: Counter[int] = Counter()
+        errors: Counter[str] = Counter()
+        latencies: list[float] = []
         sent = 0
         with contextlib.suppress(threading.BrokenBarrierError):
             start_gate.wait(timeout=timeout)
@@ -146,7 +153,7 @@ def run_load(
             except (OSError, http.client.HTTPException, ValueError, KeyError) as error:
                 errors[type(error).__name__] += 1
                 connection.close()
-                connection = connection_class(parts.hostname, parts.port, timeout=timeout)
+                connection = connection_class(host, parts.port, timeout=timeout)
             latencies.append(time.perf_counter() - began)
             if on_response is not None:
                 on_response()

@@ -24,20 +24,32 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .errors import ConfigError, Conflict, CorruptCounter, CorruptValue, Overflow, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+
+class MeasuredStore(Protocol):
+    """What the metrics and the operator's log lines read of a store (every ``CounterStore`` has both):
+    its name, the ``backend`` label, and where it lives (``where``, never with a password)."""
+
+    @property
+    def backend(self) -> str: ...
+
+    def where(self) -> str: ...
+
+
+#: Whether metrics are recorded (prometheus_client is installed).
+ENABLED: bool
 try:
     import prometheus_client
     from prometheus_client import multiprocess
-except ImportError:  # metrics are an extra: the library works without them
-    prometheus_client = None
 
-#: Whether metrics are recorded (prometheus_client is installed).
-ENABLED = prometheus_client is not None
+    ENABLED = True
+except ImportError:  # metrics are an extra: the library works without them
+    ENABLED = False
 #: prometheus_client's multiprocess directory, as it saw it when imported (None: one process).
 MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 if ENABLED and MULTIPROCESS_DIR is not None and not os.path.isdir(MULTIPROCESS_DIR):
@@ -103,7 +115,7 @@ _step_children: dict[tuple[str, str, str], tuple[Callable[[], None], Callable[[f
 _http_children: dict[tuple[str | None, int], Any] = {}
 
 
-def measure(store: Any, operation: str, key: str, step: Callable[..., T], *args: Any) -> T:
+def measure(store: MeasuredStore, operation: str, key: str, step: Callable[..., T], *args: Any) -> T:
     """``step(key, *args)``, counted and timed as one ``operation`` of ``store``; its result or its
     exception, unchanged.
 
@@ -151,7 +163,7 @@ def _outcome(error: Exception) -> str:
     return "error"
 
 
-def _failed(store: Any, operation: str, key: str, error: Exception, seconds: float) -> None:
+def _failed(store: MeasuredStore, operation: str, key: str, error: Exception, seconds: float) -> None:
     if ENABLED:
         _record(store.backend, operation, _outcome(error), seconds)
     if isinstance(error, StoreUnavailable):
@@ -197,7 +209,8 @@ def exposition() -> tuple[bytes, str]:
         raise RuntimeError("metrics need prometheus_client: pip install prometheus_client")
     if MULTIPROCESS_DIR:
         registry = prometheus_client.CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=MULTIPROCESS_DIR)
+        # prometheus_client leaves its multiprocess functions unannotated
+        multiprocess.MultiProcessCollector(registry, path=MULTIPROCESS_DIR)  # type: ignore[no-untyped-call]
     else:
         registry = prometheus_client.REGISTRY
     return prometheus_client.generate_latest(registry), prometheus_client.CONTENT_TYPE_LATEST
@@ -207,13 +220,13 @@ def process_exited(pid: int) -> None:
     """Multiprocess bookkeeping for a worker that ended (gunicorn's ``child_exit``): its live gauges
     leave the scrape; its counters stay counted, so totals never go back."""
     if ENABLED and MULTIPROCESS_DIR:
-        multiprocess.mark_process_dead(pid, MULTIPROCESS_DIR)
+        multiprocess.mark_process_dead(pid, MULTIPROCESS_DIR)  # type: ignore[no-untyped-call]  # unannotated
 
 
 # -- operator events: once per event per process ---------------------------------------------------
 
 
-def store_location(store: Any) -> str:
+def store_location(store: MeasuredStore) -> str:
     """The store's name and where it lives (``CounterStore.where``: never a password), for log lines."""
     return f"{store.backend} {store.where()}".rstrip()
 
@@ -228,13 +241,13 @@ class _Outage:
 
 
 _events_lock = threading.Lock()
-_outages: weakref.WeakKeyDictionary[Any, _Outage] = weakref.WeakKeyDictionary()
-_overflows_logged: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+_outages: weakref.WeakKeyDictionary[MeasuredStore, _Outage] = weakref.WeakKeyDictionary()
+_overflows_logged: weakref.WeakKeyDictionary[MeasuredStore, set[str]] = weakref.WeakKeyDictionary()
 _evictions_seen: dict[str, int] = {}
 _restarts_seen: dict[str, int] = {}
 
 
-def store_unavailable(store: Any, error: Exception) -> None:
+def store_unavailable(store: MeasuredStore, error: Exception) -> None:
     """``store`` failed a step: logged (ERROR) when this starts an outage in this process, silent while
     it lasts.  Also for failures outside ``measure`` (a server-side session on the store)."""
     now = time.monotonic()
@@ -251,7 +264,7 @@ def store_unavailable(store: Any, error: Exception) -> None:
     )
 
 
-def store_reachable(store: Any) -> None:
+def store_reachable(store: MeasuredStore) -> None:
     """``store`` answered a step: ends its outage (logged once, WARNING) when the last failure is at
     least ``RECOVERY_QUIET_SECONDS`` old."""
     now = time.monotonic()
@@ -268,7 +281,7 @@ def store_reachable(store: Any) -> None:
     )
 
 
-def _overflowed(store: Any, key: str, error: Exception) -> None:
+def _overflowed(store: MeasuredStore, key: str, error: Exception) -> None:
     # A per-client key holds the browser's id: never logged.
     shown = "a per-client counter" if key.startswith("@") else f"counter {key!r}"
     with _events_lock:

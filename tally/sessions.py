@@ -11,9 +11,13 @@ session would be looked for on another server, not found, and the browser would 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 from .stores.base import SessionStorage
+
+if TYPE_CHECKING:  # redis is an extra: only the Redis stores' sessions import it, when first used
+    from redis.typing import EncodableT, ExpiryT, KeyT
 
 
 class MemcachedSessionClient:
@@ -37,22 +41,25 @@ class MemcachedSessionClient:
 def _redis_session_client_class() -> type:
     import redis
 
-    class RedisSessionClient(redis.Redis):  # type: ignore[misc]  # redis-py's class is untyped here
+    class RedisSessionClient(redis.Redis):
         """The three calls Flask-Session's ``RedisSessionInterface`` makes (``get``, ``set``,
         ``delete``).  A ``redis.Redis`` only because Flask-Session accepts nothing else: no pool of its
-        own is set up or used."""
+        own is set up or used.  Keys and values are taken as redis-py takes them (a ``bytes`` key is
+        the same key as its UTF-8 text; a value is stored as the bytes redis-py would send), and a
+        lifetime in seconds or as a ``timedelta``; ``set``'s other options are ignored."""
 
         def __init__(self, store: SessionStorage) -> None:  # no super().__init__(): no pool of its own
             self._store = store
 
-        def get(self, name: str) -> bytes | None:
-            return self._store.session_get(name)
+        def get(self, name: KeyT) -> bytes | None:
+            return self._store.session_get(_key_text(name))
 
-        def set(self, name: str, value: bytes, ex: int | None = None, **_: Any) -> None:
-            self._store.session_set(name, value, ex or 0)
+        def set(self, name: KeyT, value: EncodableT, ex: ExpiryT | None = None, *_: Any, **__: Any) -> None:
+            seconds = int(ex.total_seconds()) if isinstance(ex, timedelta) else ex
+            self._store.session_set(_key_text(name), _value_bytes(value), seconds or 0)
 
-        def delete(self, *names: str) -> int:
-            return sum(self._store.session_delete(name) for name in names)
+        def delete(self, *names: KeyT) -> int:
+            return sum(self._store.session_delete(_key_text(name)) for name in names)
 
         def close(self) -> None:
             """The store's connections are the store's to close."""
@@ -64,6 +71,18 @@ def _redis_session_client_class() -> type:
             return f"<RedisSessionClient on {type(self._store).__name__}>"
 
     return RedisSessionClient
+
+
+def _key_text(name: KeyT) -> str:
+    return name if isinstance(name, str) else bytes(name).decode()
+
+
+def _value_bytes(value: EncodableT) -> bytes:
+    """What redis-py's encoder sends for ``value``: bytes as they are, text as UTF-8, a number as
+    its ``repr``."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    return (value if isinstance(value, str) else repr(value)).encode()
 
 
 def flask_session_settings(store: SessionStorage) -> dict[str, Any]:

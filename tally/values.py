@@ -17,7 +17,7 @@ from flask import current_app
 
 from . import metrics
 from .errors import CorruptValue, InvalidValue, ValueTooLarge
-from .extension import EXTENSION_KEY, _Extension
+from .extension import _app_store, _Extension
 from .names import validate_name
 from .stores import CounterStore
 
@@ -57,7 +57,7 @@ class SharedValues(_Extension):
 
     @property
     def store(self) -> CounterStore:
-        return current_app.extensions[EXTENSION_KEY]
+        return _app_store(current_app)
 
     def get_value(self, key: str, default: Any = None) -> Any:
         """The current value of ``key``, or ``default`` when it is missing or expired."""

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from tally import CorruptCounter
-from tally.stores import filesystem
 from tally.stores.filesystem import RECORD, FileCounterStore
+from tally.stores.filesystem import store as filesystem_store
 
 CLIENT_KEY = "@0123456789abcdef0123456789abcdef.clicks"
 
@@ -67,12 +67,12 @@ def test_threads_sharing_one_descriptor_are_excluded(tmp_path):
 def test_without_the_thread_lock_flock_alone_lets_threads_race(tmp_path, monkeypatch):
     """flock belongs to the open file description: threads sharing it are not excluded by it."""
 
-    class UnlockedHandle(filesystem._Handle):
+    class UnlockedHandle(filesystem_store._Handle):
         def __init__(self, fd: int) -> None:
             super().__init__(fd)
             self.lock = NoLock()
 
-    monkeypatch.setattr(filesystem, "_Handle", UnlockedHandle)
+    monkeypatch.setattr(filesystem_store, "_Handle", UnlockedHandle)
     duplicates = 0
     for attempt in range(5):  # a race shows in the first round almost always; allow a few
         store = FileCounterStore(str(tmp_path / str(attempt)))
@@ -269,3 +269,20 @@ def test_fsync_mode_flushes_every_step_before_it_returns(tmp_path, monkeypatch, 
     store.update_value("v", lambda _: b"2")
     expected = 6 + 2 if fsync else 0  # each step's data; a value also its directory (os.replace)
     assert len(flushed) == expected, flushed
+
+
+def test_fsync_mode_flushes_the_directory_that_holds_a_replaced_value(tmp_path, monkeypatch):
+    """``os.replace`` changes an entry of the values' own directory: that one is flushed, not the
+    counter directory above it (whose flush would leave the new value's name to a power loss)."""
+    store = FileCounterStore(str(tmp_path), fsync=True)
+    store.set_value("v", b"0")
+    flushed = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store.update_value("v", lambda _: b"1")
+    assert os.path.realpath(os.path.dirname(store._values.path("v"))) in flushed, flushed

@@ -237,9 +237,29 @@ def sql_rows(store) -> dict[str, list[tuple]]:
         }
 
 
-def snapshot(app, backend: str, root: Path, memcached_server=None):
+def manager_entries(store, client_id: str) -> dict:
+    """What the manager's own protocol shows of the test's entries, read without changing any: the
+    table's numbers of counters and of values (an entry added or removed anywhere shows there), the
+    value of every shared counter ``names`` lists and of the fixture's per-client counters (read with
+    no ``ttl``, which would renew them), and each shared value with its version (a write, even of the
+    same bytes, gives it a new one).  Not shown: when a per-client counter expires."""
+    from routes.clients import DEMO_COUNTER
+    from routes.pages import RECENT_VISITORS
+    from tally.names import client_key
+
+    health = store.health()
+    keys = store.names(1000) + [client_key(client_id, name) for name in ("a", DEMO_COUNTER)]
+    return {
+        "sizes": (health["counters"], health["values"]),
+        "counters": {key: store.get(key) for key in keys},
+        "values": {key: store._call("read_value", store._key(key)) for key in ("s", RECENT_VISITORS)},
+    }
+
+
+def snapshot(app, backend: str, root: Path, memcached_server=None, client_id: str | None = None):
     """Everything a request could have changed: the files under the test's folder (counters, values,
-    sessions, page cache, secret key) and, for a server store, its keys under the counter prefix.
+    sessions, page cache, secret key) and, for a server store, its keys under the counter prefix
+    (the manager: what its protocol shows of them, ``manager_entries``).
     A SQLite database is compared by its rows: a read changes its -shm file, and a checkpoint moves
     pages between the WAL and the database file."""
     state = {"files": files_under(root)}
@@ -255,9 +275,9 @@ def snapshot(app, backend: str, root: Path, memcached_server=None):
     elif backend == "memcached":
         items = memcached_server.items(app.config["COUNTER_KEY_PREFIX"])
         state["memcached"] = {key: (facts["exp"], facts["cas"]) for key, facts in items.items()}
-    elif backend == "manager":  # every entry under the test's prefix, expiries and versions included
-        state["manager"] = store.items()
-        assert state["manager"]["counters"], "the fixture's counters are in the manager"
+    elif backend == "manager":  # the counts, every known counter, the values and their versions
+        state["manager"] = manager_entries(store, client_id)
+        assert any(state["manager"]["counters"].values()), "the fixture's counters are in the manager"
     return state
 
 
@@ -279,9 +299,13 @@ def hostile(request, make_app, store_settings, tmp_path):
     assert client.get("/").status_code == 200  # the session, hits and recent visitors exist too
 
     server = request.getfixturevalue("memcached_server") if backend == "memcached" else None
+    client_id = None
+    if backend == "manager":  # the per-client counters' keys, for reading them
+        with client.session_transaction() as session:
+            client_id = session["cid"]
 
     def unchanged_since() -> object:
-        return snapshot(app, backend, tmp_path, server)
+        return snapshot(app, backend, tmp_path, server, client_id)
 
     before = unchanged_since()
     assert before["files"] if backend == "filesystem" else True

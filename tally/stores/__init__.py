@@ -1,4 +1,5 @@
-"""Counter stores, one module per store; each registers itself by defining its class (``base.REGISTRY``).
+"""Counter stores, one module (or package) per store; each registers itself by defining its class
+(``base.REGISTRY``).
 
 Importing this package imports every store module in it, so the registry lists every store whose
 client library is installed; a module whose library is missing is remembered in ``MISSING`` with the

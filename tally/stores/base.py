@@ -20,7 +20,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from ..errors import InvalidName, Overflow
 from ..names import validate_name
@@ -42,7 +42,14 @@ class KeyLocks:
         return self._locks[hash(key) % len(self._locks)]
 
 
-def close_idle(free: Any) -> None:
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+_C = TypeVar("_C", bound=_Closable)
+
+
+def close_idle(free: queue.Queue[_C] | queue.SimpleQueue[_C]) -> None:
     """Close every connection waiting in the pool queue ``free`` and put it back: each reopens when
     it is next used, so a pool can be closed while threads still hold (and later return) the rest."""
     idle = []

@@ -144,7 +144,10 @@ class MemcachedCounterStore(CounterStore, SessionStorage):
         """``incr``/``decr`` by ``delta``: the new encoded value, ``None`` for a missing key.  memcached
         answers CLIENT_ERROR for a value that is not a number: that is a damaged counter."""
         try:
-            return client.call("incr", mkey, delta) if delta > 0 else client.call("decr", mkey, -delta)
+            value: int | None = (
+                client.call("incr", mkey, delta) if delta > 0 else client.call("decr", mkey, -delta)
+            )
+            return value
         except MemcacheClientError:
             raw = client.call("get", mkey)
             if raw is not None:
@@ -217,7 +220,8 @@ class MemcachedCounterStore(CounterStore, SessionStorage):
     def get_value(self, key: str) -> bytes | None:
         mkey = self._value_key(key)
         with self._client(mkey) as client:
-            return client.call("get", mkey)
+            data: bytes | None = client.call("get", mkey)
+            return data
 
     def set_value(self, key: str, data: bytes, ttl: int | None = None) -> None:
         mkey = self._value_key(key)

@@ -57,7 +57,7 @@ os.register_at_fork(after_in_child=_count_fork)
 
 def _remaining() -> float | None:
     """Seconds left for the command running in this thread; ``None`` outside a command."""
-    at = getattr(_deadline, "at", None)
+    at: float | None = getattr(_deadline, "at", None)
     if at is None:
         return None
     left = at - time.monotonic()

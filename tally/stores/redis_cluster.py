@@ -57,13 +57,8 @@ class RedisClusterCounterStore(RedisCounterStore):
         min_replicas: int = 0,
     ) -> None:
         self.nodes = [(str(host), int(port)) for host, port in nodes]
-        self._options = {
-            "password": password or None,
-            "socket_timeout": timeout,
-            "socket_connect_timeout": timeout,
-            "retry": no_retries(),
-            "require_full_coverage": False,
-        }
+        self._password = password or None
+        self._retry = no_retries()
         self._cluster: RedisCluster | None = None
         self._reload_slots = False
         self._lock = threading.Lock()
@@ -74,7 +69,13 @@ class RedisClusterCounterStore(RedisCounterStore):
         with self._lock:
             if self._cluster is None:
                 self._cluster = RedisCluster(
-                    startup_nodes=[ClusterNode(host, port) for host, port in self.nodes], **self._options
+                    # redis-py leaves ClusterNode's constructor unannotated
+                    startup_nodes=[ClusterNode(host, port) for host, port in self.nodes],  # type: ignore[no-untyped-call]
+                    password=self._password,
+                    socket_timeout=self.timeout,
+                    socket_connect_timeout=self.timeout,
+                    retry=self._retry,
+                    require_full_coverage=False,
                 )
                 self._reload_slots = False
             elif self._reload_slots:
@@ -85,7 +86,8 @@ class RedisClusterCounterStore(RedisCounterStore):
     def _on_primary(self, rkey: str, run: Callable[[redis.Redis], T]) -> T:
         for _ in range(MAX_REDIRECTS):
             cluster = self._client()
-            client = cluster.get_redis_connection(cluster.get_node_from_key(rkey))
+            # redis-py leaves get_node_from_key, get_primaries and execute_command unannotated
+            client = cluster.get_redis_connection(cluster.get_node_from_key(rkey))  # type: ignore[no-untyped-call]
             try:
                 return run(client)
             except redis.exceptions.MovedError:
@@ -98,7 +100,7 @@ class RedisClusterCounterStore(RedisCounterStore):
     def _primaries(self) -> list[redis.Redis]:
         try:
             cluster = self._client()
-            return [cluster.get_redis_connection(node) for node in cluster.get_primaries()]
+            return [cluster.get_redis_connection(node) for node in cluster.get_primaries()]  # type: ignore[no-untyped-call]
         except (redis.ConnectionError, redis.TimeoutError):
             self._reload_slots = True
             raise
@@ -110,12 +112,10 @@ class RedisClusterCounterStore(RedisCounterStore):
         details = super().health()
         with self._errors():
             cluster = self._client()
-            details["primaries"] = sorted(node.name for node in cluster.get_primaries())
-            details["cluster_state"] = (
-                cluster.get_redis_connection(cluster.get_primaries()[0])
-                .execute_command("CLUSTER INFO")
-                .get("cluster_state")
-            )
+            primaries = cluster.get_primaries()  # type: ignore[no-untyped-call]
+            details["primaries"] = sorted(node.name for node in primaries)
+            info = cluster.get_redis_connection(primaries[0]).execute_command("CLUSTER INFO")  # type: ignore[no-untyped-call]
+            details["cluster_state"] = info.get("cluster_state")
         return details
 
     def close(self) -> None:

@@ -170,7 +170,8 @@ class RedisCounterStore(CounterStore, SessionStorage):
         return f"{self.key_prefix}={key}"  # "=" starts no counter name: a namespace of its own
 
     def _read(self, rkey: str, *command: Any) -> Any:
-        return self._on_primary(rkey, lambda client: client.execute_command(*command))
+        # redis-py leaves execute_command (the client's and the pipeline's) unannotated
+        return self._on_primary(rkey, lambda client: client.execute_command(*command))  # type: ignore[no-untyped-call]
 
     def _write(self, rkey: str, *command: Any) -> Any:
         """One write on the primary of ``rkey``; with ``min_replicas``, ``WAIT`` follows it on the
@@ -180,8 +181,8 @@ class RedisCounterStore(CounterStore, SessionStorage):
 
         def run(client: redis.Redis) -> Any:
             with client.pipeline(transaction=False) as pipe:
-                pipe.execute_command(*command)
-                pipe.execute_command("WAIT", self.min_replicas, self._wait_ms)
+                pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+                pipe.execute_command("WAIT", self.min_replicas, self._wait_ms)  # type: ignore[no-untyped-call]
                 reply, confirmed = pipe.execute()
             if confirmed < self.min_replicas:
                 metrics.replica_wait_short(self.backend)
@@ -233,7 +234,8 @@ class RedisCounterStore(CounterStore, SessionStorage):
     def get_value(self, key: str) -> bytes | None:
         rkey = self._value_key(key)
         with self._errors(key):
-            return self._read(rkey, "GET", rkey)
+            data: bytes | None = self._read(rkey, "GET", rkey)
+            return data
 
     def set_value(self, key: str, data: bytes, ttl: int | None = None) -> None:
         rkey = self._value_key(key)
@@ -285,11 +287,12 @@ class RedisCounterStore(CounterStore, SessionStorage):
                         break
         return list(found)
 
-    def _counter_name(self, raw: bytes) -> str | None:
+    def _counter_name(self, raw: bytes | str) -> str | None:
         """The counter name of a key under the prefix; ``None`` for shared values (``<prefix>=...``),
-        per-client counters (``<prefix>@...``) and anything else that is not a valid name."""
+        per-client counters (``<prefix>@...``) and anything else that is not a valid name.  (Tally's
+        clients answer keys as bytes; a key already decoded is taken as it is.)"""
         try:
-            key = raw.decode()
+            key = raw if isinstance(raw, str) else raw.decode()
         except UnicodeDecodeError:
             return None
         if not key.startswith(self.key_prefix):
@@ -302,7 +305,7 @@ class RedisCounterStore(CounterStore, SessionStorage):
             info = primaries[0].info("server")
             persistence = primaries[0].info("persistence")
             replication = [client.info("replication") for client in primaries]
-        details = {
+        details: dict[str, Any] = {
             "server": self.where(),
             "redis_version": info.get("redis_version"),
             "uptime": info.get("uptime_in_seconds"),

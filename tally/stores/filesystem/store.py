@@ -1,16 +1,7 @@
-"""Counters as small files in a directory of one host.
-
-Each counter is one file holding one fixed-size record (magic, value, expiry, CRC-32).  An update takes a
-per-counter thread lock, then an exclusive ``flock`` on the file, reads the record with ``pread`` and
-writes the new one with a single ``pwrite`` at offset 0.  Both locks are needed: a ``flock`` belongs to
-the open file description, so threads sharing this process's long-lived descriptor are not excluded by
-it; the thread lock excludes them.
-
-A file is only ever unlinked (reset, expiry of a per-client counter) under its ``flock`` and after a
-tombstone record has been written into it.  A process still holding a descriptor to the unlinked file
-finds the tombstone when it next takes the lock and reopens the path, so a counter is never split
-between an orphaned inode and a new file.  Descriptors are per process: after a fork the child drops
-those it inherited (their ``flock`` would be shared with the parent's).
+"""``FileCounterStore``: the counters' files and this process's cache of descriptors to them (a
+bounded LRU of long-lived descriptors, each with the thread lock that guards its use, dropped after a
+fork), every step under the thread lock and the file's ``flock``, the sweep of expired per-client
+counters, and the shared values delegated to ``values.ValueFiles``.
 """
 
 from __future__ import annotations
@@ -18,36 +9,24 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import struct
 import threading
 import time
 import uuid
 import weakref
-import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from ..errors import ConfigError, CorruptCounter, CorruptValue, StoreUnavailable
-from ..names import is_client_key
-from .base import CounterStore, KeyLocks, counter_name
+from ...errors import ConfigError, CorruptCounter, StoreUnavailable
+from ...names import is_client_key
+from ..base import CounterStore, counter_name
+from .records import GONE, RECORD, TEMP_PREFIX, pack_record, unpack_record
+from .values import ValueFiles
 
-RECORD = struct.Struct("<4sqqI")  # magic, value, expires at (unix seconds, 0 = never), CRC-32
-LIVE = b"TLY1"
-GONE = b"TLY0"
-TEMP_PREFIX = ".new-"
+#: The lock one process of the host holds while it sweeps expired per-client counters.
 SWEEP_LOCK = ".sweep.lock"
-#: Shared values live under ``.values`` (no counter name starts with a dot): the bytes in ``data/``,
-#: replaced whole with ``os.replace``; a lock file per key in ``locks/``, never replaced, to ``flock``.
-VALUES_DIR = ".values"
-VALUE_HEADER = struct.Struct("<qI")  # expires at (unix seconds, 0 = never), CRC-32 of the bytes
 
 T = TypeVar("T")
-
-
-def pack_record(value: int, expires_at: int = 0, magic: bytes = LIVE) -> bytes:
-    body = struct.pack("<4sqq", magic, value, expires_at)
-    return body + struct.pack("<I", zlib.crc32(body))
 
 
 class _Handle:
@@ -117,9 +96,8 @@ class FileCounterStore(CounterStore):
         self.fsync = fsync
         self.max_open_files = max_open_files
         self.sweep_interval = sweep_interval
-        self.values_directory = os.path.join(self.directory, VALUES_DIR)
-        os.makedirs(os.path.join(self.values_directory, "data"), exist_ok=True)
-        os.makedirs(os.path.join(self.values_directory, "locks"), exist_ok=True)
+        self._values = ValueFiles(self.directory, fsync)
+        self.values_directory = self._values.directory
         self._start_process_state()
         ref = weakref.ref(self)
 
@@ -137,7 +115,7 @@ class FileCounterStore(CounterStore):
         self._handles_lock = threading.Lock()
         self._next_sweep = time.monotonic() + self.sweep_interval
         self._sweeping = False
-        self._value_locks = KeyLocks()
+        self._values.forget_locks()
 
     def _after_fork_in_child(self) -> None:
         for handle in self._handles.values():
@@ -229,18 +207,7 @@ class FileCounterStore(CounterStore):
 
     def _read(self, fd: int, key: str) -> tuple[int, int] | None:
         """``(value, expires_at)`` of a live record, ``None`` for a tombstone."""
-        data = os.pread(fd, RECORD.size + 1, 0)
-        if len(data) != RECORD.size:
-            raise CorruptCounter(
-                f"counter {key!r}: file {self._path(key)} holds {len(data)} bytes,"
-                f" expected {RECORD.size}; fix or delete it by hand"
-            )
-        magic, value, expires_at, crc = RECORD.unpack(data)
-        if magic not in (LIVE, GONE) or zlib.crc32(data[:-4]) != crc:
-            raise CorruptCounter(
-                f"counter {key!r}: file {self._path(key)} fails its checksum; fix or delete it by hand"
-            )
-        return None if magic == GONE else (value, expires_at)
+        return unpack_record(os.pread(fd, RECORD.size + 1, 0), key, self._path(key))
 
     def _read_settled(self, fd: int, key: str) -> tuple[int, int] | None:
         """``_read`` without a lock; a read racing another process's write may see a torn record, so
@@ -366,60 +333,8 @@ class FileCounterStore(CounterStore):
 
     # -- shared values -----------------------------------------------------------------------------
 
-    def _value_path(self, key: str) -> str:
-        return os.path.join(self.values_directory, "data", key)
-
     @contextlib.contextmanager
-    def _value_locked(self, key: str):
-        """Hold this key's thread lock stripe and the ``flock`` of its lock file."""
-        with self._value_locks(key):
-            fd = os.open(
-                os.path.join(self.values_directory, "locks", key),
-                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                0o600,
-            )
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                os.close(fd)
-
-    def _read_value(self, key: str) -> bytes | None:
-        try:
-            with open(self._value_path(key), "rb") as file:
-                blob = file.read()
-        except FileNotFoundError:
-            return None
-        if len(blob) < VALUE_HEADER.size:
-            raise CorruptValue(f"shared value {key!r}: file is {len(blob)} bytes, too short")
-        expires_at, crc = VALUE_HEADER.unpack_from(blob)
-        data = blob[VALUE_HEADER.size :]
-        if zlib.crc32(data) != crc:
-            raise CorruptValue(f"shared value {key!r}: file {self._value_path(key)} fails its checksum")
-        if expires_at and expires_at <= time.time():
-            return None
-        return data
-
-    def _write_value(self, key: str, data: bytes, ttl: int | None) -> None:
-        expires_at = int(time.time()) + ttl + 1 if ttl else 0
-        temp = os.path.join(self.values_directory, "data", f"{TEMP_PREFIX}{uuid.uuid4().hex}")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(VALUE_HEADER.pack(expires_at, zlib.crc32(data)) + data)
-                if self.fsync:
-                    file.flush()
-                    os.fsync(file.fileno())
-            os.replace(temp, self._value_path(key))
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-        if self.fsync:
-            self._fsync_directory()
-
-    @contextlib.contextmanager
-    def _disk_errors(self):
+    def _disk_errors(self) -> Iterator[None]:
         try:
             yield
         except OSError as error:
@@ -427,26 +342,25 @@ class FileCounterStore(CounterStore):
 
     def get_value(self, key: str) -> bytes | None:
         with self._disk_errors():
-            return self._read_value(key)
+            return self._values.read(key)
 
     def set_value(self, key: str, data: bytes, ttl: int | None = None) -> None:
-        with self._disk_errors(), self._value_locked(key):
-            self._write_value(key, data, ttl)
+        with self._disk_errors(), self._values.locked(key):
+            self._values.write(key, data, ttl)
 
     def delete_value(self, key: str) -> bool:
-        with self._disk_errors(), self._value_locked(key):
-            existed = self._read_value(key) is not None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._value_path(key))
+        with self._disk_errors(), self._values.locked(key):
+            existed = self._values.read(key) is not None
+            self._values.delete(key)
             return existed
 
     def update_value(
         self, key: str, change: Callable[[bytes | None], bytes], ttl: int | None = None
     ) -> bytes:
         """Atomic across the processes and threads of the host: ``change`` runs once, under the lock."""
-        with self._disk_errors(), self._value_locked(key):
-            data = change(self._read_value(key))
-            self._write_value(key, data, ttl)
+        with self._disk_errors(), self._values.locked(key):
+            data = change(self._values.read(key))
+            self._values.write(key, data, ttl)
             return data
 
     def names(self, limit: int) -> list[str]:
