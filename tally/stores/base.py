@@ -120,8 +120,6 @@ class CounterStore(ABC):
     #: The Flask-Caching backends (class names, e.g. ``"RedisCache"``) whose ``CACHE_TYPE`` selects
     #: this store while ``COUNTER_STORE`` is unset.  Empty: only ``COUNTER_STORE = backend`` does.
     cache_types: ClassVar[tuple[str, ...]] = ()
-    #: The ``pip install 'flask-tally[extra]'`` that brings the store's client library, if any.
-    extra: ClassVar[str | None] = None
     #: Whether several processes (gunicorn workers) may share the store.
     multi_process: ClassVar[bool]
     #: Whether concurrent ``add`` calls on one key pay for sharing one step (``tally.combining``): true

@@ -64,7 +64,6 @@ class MemcachedCounterStore(CounterStore, SessionStorage):
 
     backend = "memcached"
     cache_types = ("MemcachedCache",)
-    extra = "memcached"
     multi_process = True
     combines_adds = True  # a step is a round trip: concurrent ones may share it (tally.combining)
     optimistic_updates = True  # gets, then cas

@@ -81,7 +81,6 @@ class RedisCounterStore(CounterStore, SessionStorage):
 
     backend = "redis"
     cache_types = ("RedisCache",)
-    extra = "redis"
     multi_process = True
     combines_adds = True  # a step is a round trip: concurrent ones may share it (tally.combining)
     optimistic_updates = True  # a compare-and-set script on the bytes read

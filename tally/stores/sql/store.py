@@ -39,7 +39,6 @@ class SqlCounterStore(CounterStore, SchemaSupport):
     """
 
     backend = "sql"
-    extra = "sql"
     multi_process = True
 
     @classmethod
