@@ -50,11 +50,12 @@ servers:
 		echo "  Debian: sudo apt-get install memcached redis-server postgresql chromium chromium-driver"; exit 1; \
 	fi
 
-# TEST_WORKERS=2: two pytest-xdist workers, the load tests (gunicorn, development servers) one at a
-# time on one of them (tests/conftest.py puts them in one xdist group), everything else on the other:
-# 9 to 10 minutes here instead of about 14, but 2 of 3 fresh-clone runs then failed a load-sensitive
-# test (a 503 or a cache write given up under load), so the default stays one process.
-TEST_WORKERS ?= 0
+# Two pytest-xdist workers by default: the load tests (gunicorn, development servers, the limits
+# hammer) one at a time on one of them (tests/conftest.py puts them in one xdist group), everything
+# else on the other.  Tests built in the test process get a 2 s COUNTER_TIMEOUT (IN_PROCESS_TIMEOUT)
+# and load-test servers 5 s, so a slow step beside the load tests is not taken for a fault.
+# TEST_WORKERS=0: one process, as before (about 13 minutes here).
+TEST_WORKERS ?= 2
 test: $(VENV)/.test servers
 	$(PY) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 

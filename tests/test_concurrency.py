@@ -14,7 +14,7 @@ import threading
 import pytest
 
 from tally.loadcheck import run_load
-from tests.conftest import SHARED_BACKENDS, settings_env
+from tests.conftest import SHARED_BACKENDS, settings_env, under_load
 from tests.servers import Gunicorn
 
 pytestmark = pytest.mark.slow
@@ -22,12 +22,39 @@ pytestmark = pytest.mark.slow
 CLIENTS, REQUESTS = 100, 30
 
 
+@pytest.fixture(scope="module")
+def gunicorn_per_store():
+    """One gunicorn 4x8 per store for the tests below that need a loaded server, not a fresh one
+    (each uses a counter or key of its own); each is stopped by its pid when the module ends.  (The
+    keep-alive shared-set race keeps a fresh server per round: that is its shape.)"""
+    servers: dict[str, Gunicorn] = {}
+    yield servers
+    stoppers = [threading.Thread(target=server.stop) for server in servers.values()]
+    for stopper in stoppers:  # together: each takes about a second, mostly waiting for its workers
+        stopper.start()
+    for stopper in stoppers:
+        stopper.join()
+
+
+@pytest.fixture
+def store_server(gunicorn_per_store, store_settings, backend) -> Gunicorn:
+    if backend not in gunicorn_per_store:
+        server = Gunicorn(under_load(settings_env(store_settings(backend))), workers=4, threads=8)
+        try:
+            server.start()
+        except BaseException:
+            server.stop()
+            raise
+        gunicorn_per_store[backend] = server
+    return gunicorn_per_store[backend]
+
+
 @pytest.mark.parametrize("keepalive", [False, True], ids=["new-connections", "keep-alive"])
 @pytest.mark.parametrize("backend", SHARED_BACKENDS)
-def test_gunicorn_workers_and_threads_return_every_value_once(serve, store_settings, backend, keepalive):
+def test_gunicorn_workers_and_threads_return_every_value_once(store_server, backend, keepalive):
     """New connections spread each client over all workers; keep-alive piles threads onto one."""
-    server = serve(settings_env(store_settings(backend)), workers=4, threads=8)
-    url = f"{server.url}/api/counters/race/incr"
+    server = store_server
+    url = f"{server.url}/api/counters/race-{'keep-alive' if keepalive else 'new'}/incr"
     report = run_load(url, clients=CLIENTS, requests=REQUESTS, keepalive=keepalive)
     assert report.errors == {} and report.ok == CLIENTS * REQUESTS, (report.statuses, report.errors)
     assert report.duplicates == 0
@@ -163,8 +190,8 @@ ALL_MEMBERS = sorted(f"client{c}-{r}" for c in range(CLIENTS) for r in range(20)
 
 
 @pytest.mark.parametrize("backend", SHARED_BACKENDS)
-def test_a_shared_set_keeps_every_member_under_concurrent_adds(serve, store_settings, backend):
-    server = serve(settings_env(store_settings(backend)), workers=4, threads=8)
+def test_a_shared_set_keeps_every_member_under_concurrent_adds(store_server, backend):
+    server = store_server
     report = run_load(
         f"{server.url}/api/shared/visitors/add",
         clients=CLIENTS,
