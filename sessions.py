@@ -7,7 +7,6 @@ counters live in the counter store under that id, so they stay atomic in both mo
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,28 +17,15 @@ from flask_session import Session
 from settings import ConfigError
 from tally import StoreUnavailable
 from tally.sessions import flask_session_settings
-from tally.stores.base import SessionStorage
 
 SESSION_BACKENDS = ("cookie", "server")
 
 
-def _server_session_store(app: Flask) -> tuple[dict, tuple[type[BaseException], ...]]:
-    """Flask-Session settings for the counters' store, and the errors its client raises when the
-    store cannot be reached.  A store that declares ``SessionStorage`` keeps the sessions itself
-    (``tally.sessions``: its deadline, the primary only, ``StoreUnavailable``); the others keep them
-    in cachelib, on this host's disk (or, for a one-process store, in memory)."""
-    store = app.extensions["tally"]
-    if isinstance(store, SessionStorage):
-        return flask_session_settings(store), (StoreUnavailable,)
-    from cachelib import FileSystemCache, SimpleCache
-
-    lifetime = int(app.permanent_session_lifetime.total_seconds())
-    if not store.multi_process:
-        return {"SESSION_TYPE": "cachelib", "SESSION_CACHELIB": SimpleCache(default_timeout=lifetime)}, ()
-    directory = os.path.join(app.instance_path, "sessions")
-    # threshold 0: cachelib never prunes live sessions to make room; expired ones go as they expire.
-    cache = FileSystemCache(directory, threshold=0, default_timeout=lifetime, mode=0o600)
-    return {"SESSION_TYPE": "cachelib", "SESSION_CACHELIB": cache}, ()
+def _server_session_store(app: Flask) -> dict[str, Any]:
+    """Flask-Session settings that keep sessions on the counters' store, whichever it is
+    (``tally.sessions``): its deadline, the primary only, and ``StoreUnavailable`` for every failure.
+    On SQL every host reads the same sessions; on the manager, every worker."""
+    return flask_session_settings(app.extensions["tally"])
 
 
 class SessionOpenedOnFirstUse:
@@ -151,8 +137,7 @@ def init_sessions(app: Flask) -> None:
     if backend == "cookie":
         app.session_interface = OpenOnFirstUse(SignedCookieSessions())
         return
-    settings, errors = _server_session_store(app)
-    app.config.update(settings)
+    app.config.update(_server_session_store(app))
     app.config.setdefault("SESSION_KEY_PREFIX", "tally-session:")
     Session(app)
-    app.session_interface = OpenOnFirstUse(app.session_interface, errors)
+    app.session_interface = OpenOnFirstUse(app.session_interface, (StoreUnavailable,))

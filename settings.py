@@ -11,7 +11,6 @@ import tomllib
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from flask import Flask
 
@@ -126,24 +125,11 @@ def refuse_weak_secret_key(app: Flask) -> None:
         )
 
 
-def rate_limit_storage(config: dict[str, Any], store: dict[str, Any]) -> str:
-    """Flask-Limiter's storage: RATELIMIT_STORAGE_URI if set, else the counter store's servers
-    (``store``: the settings Tally resolved), so that limits hold across workers and hosts;
-    memory:// (per worker) for the filesystem and memory stores."""
-    if config.get("RATELIMIT_STORAGE_URI"):
-        return config["RATELIMIT_STORAGE_URI"]
-    if store["CACHE_TYPE"] == "RedisCache":
-        return store["CACHE_REDIS_URL"]
-    if store["CACHE_TYPE"] == "MemcachedCache":
-        return "memcached://" + ",".join(store["CACHE_MEMCACHED_SERVERS"])
-    if store["CACHE_TYPE"] in ("RedisSentinelCache", "RedisClusterCache"):
-        password = store["CACHE_REDIS_PASSWORD"]
-        auth = f":{quote(str(password), safe='')}@" if password else ""
-        if store["CACHE_TYPE"] == "RedisClusterCache":
-            return f"redis+cluster://{auth}" + ",".join(f"{h}:{p}" for h, p in store["CACHE_REDIS_CLUSTER"])
-        sentinels = ",".join(f"{h}:{p}" for h, p in store["CACHE_REDIS_SENTINELS"])
-        return f"redis+sentinel://{auth}{sentinels}/{quote(store['CACHE_REDIS_SENTINEL_MASTER'], safe='')}"
-    return "memory://"
+def rate_limit_storage(config: dict[str, Any]) -> str:
+    """Flask-Limiter's storage: RATELIMIT_STORAGE_URI if set, else ``tally://``, the counters' own
+    store (``tally.ratelimits``), whichever it is: each hit one atomic step, so a limit holds
+    across every worker and host that shares the store."""
+    return config.get("RATELIMIT_STORAGE_URI") or "tally://"
 
 
 def rate_limit_storage_options(uri: str, timeout: float) -> dict[str, Any]:

@@ -289,6 +289,59 @@ def raw_route_pair(env: dict[str, str], raw_env: dict[str, str], rounds: int, se
         raw.stop()
 
 
+#: A limit no bench run reaches: every request is a hit that passes, and is counted.
+BENCH_LIMIT = "100000000 per minute"
+
+
+def limited_pair(env: dict[str, str], other: dict[str, str], rounds: int, seconds: int) -> dict[str, float]:
+    """The counter route with a rate limit on ``tally://`` (``env``) against the same route on a
+    server whose environment adds ``other`` (no limit, or Flask-Limiter's own storage), each under
+    gunicorn 4x8, alternated."""
+    limited = {**env, "FLASK_RATELIMIT_ENABLED": "true", "FLASK_RATELIMIT_DEFAULT": BENCH_LIMIT}
+    first = Gunicorn(limited, workers=4, threads=8)
+    second = Gunicorn({**env, **other}, workers=4, threads=8)
+    try:
+        first.start()
+        second.start()
+        return compare_routes(
+            (first, COUNTER_ROUTE, "POST"), (second, COUNTER_ROUTE, "POST"), rounds, seconds
+        )
+    finally:
+        first.stop()
+        second.stop()
+
+
+def limits_rows(row, http_stores, peers: dict[str, str], rounds: int, seconds: int) -> None:
+    """The limited route (tally://) against the same route unlimited, on every store; and against
+    Flask-Limiter's own storage on the same servers (``peers``: store name -> storage URI)."""
+    for name, env, _, _ in http_stores:
+        env = {**env, "FLASK_COUNTER_DIR": tempfile.mkdtemp(prefix="bench-limits-")}
+        unlimited = limited_pair(env, {"FLASK_RATELIMIT_ENABLED": "false"}, rounds, seconds)
+        row(
+            f"HTTP POST {COUNTER_ROUTE} limited on tally://, {name}",
+            unlimited["first"],
+            "req/s",
+            "the same route unlimited",
+            f"{unlimited['ratio']:.2f}x",
+        )
+        if name not in peers:
+            continue
+        peer = {
+            "FLASK_RATELIMIT_ENABLED": "true",
+            "FLASK_RATELIMIT_DEFAULT": BENCH_LIMIT,
+            "FLASK_RATELIMIT_STORAGE_URI": peers[name],
+        }
+        versus = limited_pair(env, peer, rounds, seconds)
+        row(
+            f"HTTP POST {COUNTER_ROUTE} limited on tally://, {name}",
+            versus["first"],
+            "req/s",
+            f"limited on Flask-Limiter's {peers[name].split(':')[0]}://",
+            f"{versus['ratio']:.2f}x",
+            ">= 1.0x",
+        )
+
+
 # -- the issue-15 comparison: gunicorn -w 2 --threads 8 --keep-alive 5 on both sides -----------------
 
 #: The same flags on every side of the 2x8 comparison.
@@ -522,8 +575,9 @@ def main() -> int:
     )
     parser.add_argument(
         "--parts",
-        default="helpers,http4x8,http2x8",
-        help="helpers (store steps), http4x8 (the 4x8 HTTP table), http2x8 (the -w 2 --threads 8 table)",
+        default="helpers,http4x8,http2x8,limits",
+        help="helpers (store steps), http4x8 (the 4x8 HTTP table), http2x8 (the -w 2 --threads 8 table),"
+        " limits (the rate-limited route: tally:// against no limit and against Flask-Limiter's storage)",
     )
     parser.add_argument(
         "--chart",
@@ -696,6 +750,13 @@ def main() -> int:
                 if name in ("filesystem", "memcached", "redis")
             ]
             rows_2x8 = http_2x8(stores_2x8, rounds, http_seconds)
+        if "limits" in parts:
+            limit_peers = {}
+            if memcached is not None:
+                limit_peers["memcached"] = f"memcached://{memcached.address}"
+            if redis_server is not None:
+                limit_peers["redis"] = redis_server.url.rsplit("/", 1)[0] + "/5"
+            limits_rows(row, http_stores, limit_peers, rounds, http_seconds)
         for name, env, target, raw_env in http_stores if "http4x8" in parts else []:
             env = {**env, "FLASK_COUNTER_DIR": tempfile.mkdtemp(prefix="bench-http-")}
             result, exact = http_pair(env, rounds, http_seconds)

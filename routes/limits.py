@@ -12,6 +12,7 @@ from flask import Flask, current_app, request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 
+from common import counters
 from settings import rate_limit_storage, rate_limit_storage_options
 from tally.extension import SETTINGS_KEY
 
@@ -46,11 +47,13 @@ def init_limits(app: Flask) -> Limiter:
     options, key prefix) on the instance and keeps the first value it saw, so one instance shared by
     two apps in a process would apply the first app's limits to the second."""
     store = app.extensions[SETTINGS_KEY]  # what Tally resolved: the counters' backend and servers
-    app.config["RATELIMIT_STORAGE_URI"] = rate_limit_storage(app.config, store)
-    app.config.setdefault(
-        "RATELIMIT_STORAGE_OPTIONS",
-        rate_limit_storage_options(app.config["RATELIMIT_STORAGE_URI"], store["COUNTER_TIMEOUT"]),
-    )
+    uri = app.config["RATELIMIT_STORAGE_URI"] = rate_limit_storage(app.config)
+    if uri.startswith("tally://"):
+        app.config.setdefault("RATELIMIT_STORAGE_OPTIONS", {"counters": counters})
+    else:  # a storage of its own: the counters' timeout and no hidden retries there too
+        app.config.setdefault(
+            "RATELIMIT_STORAGE_OPTIONS", rate_limit_storage_options(uri, store["COUNTER_TIMEOUT"])
+        )
     limiter = Limiter(key_func=get_remote_address)
     limiter.request_filter(reads_are_not_limited)
     limiter.init_app(app)

@@ -18,6 +18,13 @@ from .errors import (
 from .extension import ClientCounters, Counters
 from .values import SharedValues
 
+try:  # with limits installed (the "limits" extra), importing tally registers the tally:// storage
+    import limits as _limits  # noqa: F401
+except ImportError:
+    pass
+else:
+    from . import ratelimits as _ratelimits  # noqa: F401
+
 __all__ = [
     "ClientCounters",
     "ConfigError",

@@ -58,7 +58,11 @@ class _Extension:
 
     def __init__(self, app_or_cache: Any = None) -> None:
         self._cache = None
+        #: The app given at construction (``X(app)`` or ``X(Cache(app))``), as Flask-Caching keeps it:
+        #: what the ``tally://`` limits storage uses outside an app context.  ``None`` otherwise.
+        self.app: Flask | None = None
         if isinstance(app_or_cache, Flask):
+            self.app = app_or_cache
             self.init_app(app_or_cache)
         elif app_or_cache is not None:
             if not hasattr(app_or_cache, "init_app"):
@@ -66,6 +70,7 @@ class _Extension:
             self._cache = app_or_cache
             bound = getattr(app_or_cache, "app", None)  # Cache(app): already set up for that app
             if isinstance(bound, Flask):
+                self.app = bound
                 self.init_app(bound)
 
     def init_app(self, app: Flask) -> None:

@@ -1,5 +1,8 @@
-"""Server-side sessions (Flask-Session) on the counters' own store, for the stores that declare
-``SessionStorage``: the clients Flask-Session expects, speaking through the store's connections.
+"""Server-side sessions (Flask-Session) on the counters' own store, on every store: the clients
+Flask-Session expects, speaking through the store's connections.  A store that declares
+``SessionStorage`` (memcached, Redis) keeps sessions under Flask-Session's own keys on its servers;
+every other store keeps them as shared values with a lifetime (``ValueSessionClient``), so on SQL a
+session is a row of the database every host reads, and on the manager an entry of its table.
 
 So a session gets what a counter step gets: the store's deadline (``COUNTER_TIMEOUT``), no hidden
 retries, the primary only (never a replica, followed through a failover), ``WAIT`` as configured, and
@@ -11,10 +14,12 @@ session would be looked for on another server, not found, and the browser would 
 from __future__ import annotations
 
 import functools
+import hashlib
+import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from .stores.base import SessionStorage
+from .stores.base import CounterStore, SessionStorage
 
 if TYPE_CHECKING:  # redis is an extra: only the Redis stores' sessions import it, when first used
     from redis.typing import EncodableT, ExpiryT, KeyT
@@ -35,6 +40,39 @@ class MemcachedSessionClient:
 
     def delete(self, key: str) -> bool:
         return self._store.session_delete(key)
+
+
+#: Shared values whose key starts with this are sessions (no validated key starts with ``@``).
+SESSION_MARK = "@s."
+#: Flask-Session's memcached interface sends a lifetime over 30 days as a unix time (memcached's rule).
+_MEMCACHED_RELATIVE_LIMIT = 30 * 24 * 3600
+
+
+class ValueSessionClient:
+    """Flask-Session's memcached client calls (``get``, ``set``, ``delete``) on any store's shared
+    values: each session is one value under ``@s.`` and 160 bits of the SHA-256 of its key, written
+    with the session's lifetime, so it expires by itself (and the filesystem's and SQL's sweeps
+    remove it).  Every call has the store's deadline and raises ``StoreUnavailable`` when the store
+    cannot be reached."""
+
+    def __init__(self, store: CounterStore) -> None:
+        self._store = store
+
+    @staticmethod
+    def _key(key: str) -> str:
+        return SESSION_MARK + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+    def get(self, key: str) -> bytes | None:
+        return self._store.get_value(self._key(key))
+
+    def set(self, key: str, value: bytes, timeout: int) -> bool:
+        if timeout > _MEMCACHED_RELATIVE_LIMIT:  # a unix time: back to seconds from now
+            timeout = max(1, timeout - int(time.time()))
+        self._store.set_value(self._key(key), bytes(value), timeout or None)
+        return True
+
+    def delete(self, key: str) -> bool:
+        return self._store.delete_value(self._key(key))
 
 
 @functools.cache
@@ -85,8 +123,11 @@ def _value_bytes(value: EncodableT) -> bytes:
     return (value if isinstance(value, str) else repr(value)).encode()
 
 
-def flask_session_settings(store: SessionStorage) -> dict[str, Any]:
-    """The Flask-Session settings (``SESSION_TYPE`` and its client) that keep sessions on ``store``."""
+def flask_session_settings(store: CounterStore) -> dict[str, Any]:
+    """The Flask-Session settings (``SESSION_TYPE`` and its client) that keep sessions on ``store``:
+    any store.  Every failure of the client is a ``StoreUnavailable``."""
+    if not isinstance(store, SessionStorage):
+        return {"SESSION_TYPE": "memcached", "SESSION_MEMCACHED": ValueSessionClient(store)}
     if store.session_protocol == "redis":
         return {"SESSION_TYPE": "redis", "SESSION_REDIS": _redis_session_client_class()(store)}
     return {"SESSION_TYPE": "memcached", "SESSION_MEMCACHED": MemcachedSessionClient(store)}

@@ -19,6 +19,7 @@ import pytest
 
 from tally.loadcheck import run_load
 from tests.servers import ROOT, Gunicorn
+from tests.test_ratelimits import post_concurrently
 
 pytestmark = pytest.mark.slow
 
@@ -50,11 +51,12 @@ def wheel(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory, wheel) -> Path:
-    """A fresh virtual environment with only the wheel, its memcached and redis extras, and gunicorn."""
+    """A fresh virtual environment with only the wheel, its memcached, redis and limits extras,
+    gunicorn and Flask-Limiter."""
     home = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", home], check=True)
     pip = [home / "bin" / "python", "-m", "pip", "--disable-pip-version-check", "-q", "install"]
-    subprocess.run([*pip, f"{wheel}[memcached,redis]", "gunicorn"], check=True)
+    subprocess.run([*pip, f"{wheel}[memcached,redis,limits]", "gunicorn", "flask-limiter"], check=True)
     return home
 
 
@@ -133,3 +135,23 @@ def test_the_example_app_counts_exactly_under_gunicorn(venv, example_dir, store,
     if store in ("filesystem", "seed-spelling"):
         # the counters live in the instance folder, never in CACHE_DIR, which cachelib prunes
         assert (example_dir / "instance" / "counters").is_dir()
+
+
+@pytest.mark.parametrize("store", ["filesystem", "redis"])
+def test_the_example_apps_limit_holds_across_its_workers(venv, example_dir, store, request, tmp_path):
+    """The README's Flask-Limiter lines on ``tally://``, from the wheel, under gunicorn 4x8: 120
+    concurrent POSTs against "20 per minute" give exactly 20 x 200 and 100 x 429."""
+    env = {
+        "EXAMPLE_STORE": store,
+        "EXAMPLE_CACHE_DIR": str(tmp_path / "page-cache"),
+        "EXAMPLE_LIMIT": "20 per minute",
+    }
+    if store == "redis":
+        env["EXAMPLE_REDIS_URL"] = request.getfixturevalue("redis_server").url.replace("/0", "/4")
+    server = ExampleServer(venv, example_dir, env)
+    try:
+        server.start()
+        statuses = post_concurrently(f"{server.url}/limited", 120)
+    finally:
+        server.stop()
+    assert (statuses.count(200), statuses.count(429)) == (20, 100), (statuses, server.log_text()[-2000:])

@@ -85,11 +85,18 @@ class MemoryCounterStore(CounterStore, ForkAdoption):
 
     def _store(self, key: str, value: int, ttl: int | None, now: float) -> None:
         self._values[key] = (value, now + ttl if ttl else None)
-        if ttl and now >= self._next_sweep:
-            self._next_sweep = now + self.sweep_interval
-            expired = [k for k, (_, exp) in self._values.items() if exp is not None and exp <= now]
-            for k in expired:
-                del self._values[k]
+        if ttl:
+            self._maybe_sweep(now)
+
+    def _maybe_sweep(self, now: float) -> None:
+        """Drop expired per-client counters and expired shared values (limits' keys, sessions), at
+        most every ``sweep_interval`` s; called under the lock after a write with a lifetime."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self.sweep_interval
+        for table in (self._values, self._shared):
+            for k in [k for k, entry in table.items() if entry[1] is not None and entry[1] <= now]:
+                del table[k]
 
     def add(self, key: str, delta: int, ttl: int | None = None) -> int:
         self._check_process()
@@ -135,6 +142,8 @@ class MemoryCounterStore(CounterStore, ForkAdoption):
         with self._lock:
             now = time.monotonic()
             self._shared[key] = (data, now + ttl if ttl else None)
+            if ttl:
+                self._maybe_sweep(now)
 
     def delete_value(self, key: str) -> bool:
         self._check_process()
@@ -151,6 +160,8 @@ class MemoryCounterStore(CounterStore, ForkAdoption):
             now = time.monotonic()
             data = change(self._live_shared(key, now))
             self._shared[key] = (data, now + ttl if ttl else None)
+            if ttl:
+                self._maybe_sweep(now)
             return data
 
     def names(self, limit: int) -> list[str]:

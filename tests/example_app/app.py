@@ -3,7 +3,8 @@
 EXAMPLE_STORE picks the cache: "filesystem" (EXAMPLE_CACHE_DIR, given as a ``Path``), "memcached"
 (EXAMPLE_MEMCACHED, "host:port"), "redis" (EXAMPLE_REDIS_URL); "seed-spelling" is the seed's own
 ``"filesystem"`` in ``app.config`` with ``Counters(app)`` and no Flask-Caching (which, from version 2
-on, no longer knows that spelling).
+on, no longer knows that spelling).  With EXAMPLE_LIMIT (e.g. "20 per minute"), ``POST /limited`` is
+limited by Flask-Limiter on ``tally://``, the README's lines: the counters' own store.
 """
 
 import os
@@ -37,6 +38,22 @@ def create_app() -> Flask:
     @app.post("/hits")
     def hit():
         return jsonify(value=app.extensions["example_counters"].incr("hits"))
+
+    if os.environ.get("EXAMPLE_LIMIT"):
+        from flask_limiter import Limiter
+        from flask_limiter.util import get_remote_address
+
+        limiter = Limiter(
+            get_remote_address,
+            app=app,
+            storage_uri="tally://",
+            storage_options={"counters": app.extensions["example_counters"]},
+        )
+
+        @app.post("/limited")
+        @limiter.limit(os.environ["EXAMPLE_LIMIT"])
+        def limited():
+            return jsonify(value=app.extensions["example_counters"].incr("limited"))
 
     @app.get("/livez")
     def livez():

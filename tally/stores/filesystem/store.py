@@ -347,6 +347,8 @@ class FileCounterStore(CounterStore):
     def set_value(self, key: str, data: bytes, ttl: int | None = None) -> None:
         with self._disk_errors(), self._values.locked(key):
             self._values.write(key, data, ttl)
+        if ttl:
+            self._maybe_sweep()
 
     def delete_value(self, key: str) -> bool:
         with self._disk_errors(), self._values.locked(key):
@@ -361,7 +363,9 @@ class FileCounterStore(CounterStore):
         with self._disk_errors(), self._values.locked(key):
             data = change(self._values.read(key))
             self._values.write(key, data, ttl)
-            return data
+        if ttl:
+            self._maybe_sweep()
+        return data
 
     def names(self, limit: int) -> list[str]:
         """The counter files of ``directory`` that hold a live record, at most ``limit`` (then the
@@ -432,7 +436,8 @@ class FileCounterStore(CounterStore):
             self._sweeping = False
 
     def sweep_expired(self) -> int:
-        """Remove expired per-client counters (and stale temporary files); return how many.
+        """Remove expired per-client counters, expired shared values (limits' keys, sessions) and stale
+        temporary files; return how many.
 
         Only keys starting with ``@`` are ever opened here: a never-expiring counter cannot be removed.
         One process of the host sweeps at a time; the others skip.
@@ -453,7 +458,7 @@ class FileCounterStore(CounterStore):
                         removed += self._remove_if_expired(entry.name, now)
                     elif entry.name.startswith(TEMP_PREFIX) and entry.stat().st_mtime < now - 3600:
                         os.unlink(entry.path)  # left by a process killed while creating a counter
-            return removed
+            return removed + self._values.sweep_expired(now)
         finally:
             os.close(lock_fd)
 

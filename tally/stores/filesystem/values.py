@@ -43,20 +43,65 @@ class ValueFiles:
     def path(self, key: str) -> str:
         return os.path.join(self.directory, "data", key)
 
+    def _lock_path(self, key: str) -> str:
+        return os.path.join(self.directory, "locks", key)
+
     @contextlib.contextmanager
     def locked(self, key: str) -> Iterator[None]:
         """Hold this key's thread lock stripe and the ``flock`` of its lock file."""
         with self._locks(key):
-            fd = os.open(
-                os.path.join(self.directory, "locks", key),
-                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                0o600,
-            )
+            fd = self._lock_file(key)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
             finally:
                 os.close(fd)
+
+    def _lock_file(self, key: str) -> int:
+        """The key's lock file, opened and ``flock``ed.  The sweep removes the lock file of an expired
+        value while holding its lock: a process that got the lock of a file already unlinked holds a
+        lock nobody else can see, so it lets go and locks the file now at the path."""
+        path = self._lock_path(key)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass  # unlinked by the sweep between our open and stat: lock the new one
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
+    def sweep_expired(self, now: float) -> int:
+        """Remove the files of values that expired before ``now`` (limits' keys, sessions and any
+        value given a timeout), each under its lock, and their lock files; return how many.  A value
+        without expiry is never removed."""
+        removed = 0
+        with os.scandir(os.path.join(self.directory, "data")) as entries:
+            names = [entry.name for entry in entries if not entry.name.startswith(TEMP_PREFIX)]
+        for key in names:
+            if not self._expires_before(key, now):
+                continue  # cheap check without the lock; checked again under it
+            with self.locked(key):
+                if not self._expires_before(key, now):
+                    continue  # written again meanwhile
+                self.delete(key)
+                os.unlink(self._lock_path(key))  # still held: the next locker sees it is gone
+                removed += 1
+        return removed
+
+    def _expires_before(self, key: str, now: float) -> bool:
+        try:
+            with open(self.path(key), "rb") as file:
+                header = file.read(VALUE_HEADER.size)
+        except FileNotFoundError:
+            return False
+        if len(header) < VALUE_HEADER.size:
+            return False  # damaged: left for its reader to report
+        expires_at, _ = VALUE_HEADER.unpack(header)
+        return bool(expires_at) and expires_at <= now
 
     def read(self, key: str) -> bytes | None:
         try:

@@ -316,7 +316,8 @@ class SqlCounterStore(CounterStore, SchemaSupport):
         return [name[size:] for (name,) in rows if counter_name(name[size:])]
 
     def _maybe_sweep(self) -> None:
-        """Delete expired per-client rows, at most every ``sweep_interval`` s per process."""
+        """Delete expired per-client rows and expired shared values (limits' keys, sessions), at most
+        every ``sweep_interval`` s per process."""
         now = time.monotonic()
         if now < self._next_sweep:
             return
@@ -332,6 +333,8 @@ class SqlCounterStore(CounterStore, SchemaSupport):
 
     def set_value(self, key: str, data: bytes, ttl: int | None = None) -> None:
         self._run("put_value", key=self.key_prefix + key, data=data, expires_at=self._expires_at(ttl))
+        if ttl:
+            self._maybe_sweep()
 
     def delete_value(self, key: str) -> bool:
         rows = self._run("delete_value", key=self.key_prefix + key)
@@ -346,7 +349,10 @@ class SqlCounterStore(CounterStore, SchemaSupport):
         begin = "BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN"
         # Threads of one process take turns on a key before they queue on its row lock.
         with self._update_locks(key):
-            return self._update_value(key, change, ttl, begin)
+            data = self._update_value(key, change, ttl, begin)
+        if ttl:
+            self._maybe_sweep()
+        return data
 
     def _update_value(
         self, key: str, change: Callable[[bytes | None], bytes], ttl: int | None, begin: str

@@ -1,0 +1,242 @@
+"""Tally as a storage for ``limits`` and so for Flask-Limiter: ``tally://``, on the counters' own store.
+
+::
+
+    Limiter(get_remote_address, app=app, storage_uri="tally://", storage_options={"counters": counters})
+
+Every hit is one ``update_value`` of the store: a read, the strategy's decision and the write as one
+atomic step (under the store's lock, or a compare-and-set retried on a conflict), so no hit over the
+limit gets through, across threads, worker processes and hosts that share the store.  That holds for
+all three of limits' strategies:
+
+- fixed window: ``(count, end of window)``; the window starts at its first hit, as in limits' own
+  storages;
+- moving window: the times of the hits in the window, newest first, never more than the limit;
+- sliding window counter: ``(window number, previous count, current count)``, the two windows limits'
+  other storages keep under two keys kept here in one value, so the weighted decision and the hit are
+  one step.
+
+Limit keys are shared values under a mark of their own (``@rl.`` and a SHA-256 of limits' key), so
+any key (long, unicode, ``/``, ``..``) is safe, and no counter listing, shared value or page cache
+``clear()`` ever meets one.  Each key is written with the window's length as its lifetime, so it
+expires by itself on every store (the filesystem's and SQL's sweeps remove it).  Each call answers or
+fails within ``COUNTER_TIMEOUT``: an unreachable store raises ``StoreUnavailable``, which is this
+storage's ``base_exceptions`` (a ``limits.errors.StorageError`` with ``wrap_exceptions``, what
+Flask-Limiter's ``swallow_errors`` catches).  ``reset()`` is not supported (limits' own memcached
+storage does not support it either): a store cannot list its shared values.
+
+Time is each host's clock (``time.time()``), as in limits' memcached storage; hosts sharing a limit
+should run NTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, current_app, has_app_context
+from limits.storage import MovingWindowSupport, SlidingWindowCounterSupport, Storage
+
+from . import metrics
+from .errors import StoreUnavailable, TallyError
+from .stores.base import CounterStore
+
+#: Shared values whose key starts with this are limits' (no validated key starts with ``@``).
+LIMIT_MARK = "@rl."
+
+_FIXED = struct.Struct("<qd")  # hits, end of the window (unix seconds)
+_SLIDING = struct.Struct("<qqq")  # window number (now // expiry), previous window's hits, current's
+
+
+def limit_key(key: str) -> str:
+    """The store key of limits' ``key``: 160 bits of its SHA-256, so any text maps to a safe key."""
+    return LIMIT_MARK + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
+def _lifetime(expiry: float) -> int:
+    """A store lifetime (whole seconds, at least 1) that outlives a window of ``expiry`` seconds."""
+    return max(1, math.ceil(expiry))
+
+
+class TallyStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport):
+    """limits' ``Storage`` (with moving window and sliding window counter support) on the store of
+    ``counters`` (a ``tally.Counters`` or ``tally.SharedValues``).  The store is the current app's,
+    or, outside an app context, that of the app ``counters`` was created with (``Counters(app)``)."""
+
+    STORAGE_SCHEME = ["tally"]
+
+    def __init__(
+        self, uri: str | None = None, wrap_exceptions: bool = False, *, counters: Any = None, **options: Any
+    ) -> None:
+        if counters is None or not hasattr(counters, "init_app"):
+            raise TypeError(
+                'the tally:// storage needs the app\'s counters: storage_options={"counters": counters}'
+            )
+        if options:
+            raise TypeError(f"the tally:// storage takes no options but counters; got {sorted(options)}")
+        super().__init__(uri, wrap_exceptions=wrap_exceptions)
+        self._counters = counters
+
+    @property
+    def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
+        return TallyError
+
+    def _store(self) -> CounterStore:
+        if has_app_context():
+            app = current_app
+        else:
+            bound = getattr(self._counters, "app", None)
+            if not isinstance(bound, Flask):
+                raise RuntimeError(
+                    "the tally:// storage needs an app context, or counters created as Counters(app)"
+                )
+            app = bound
+        try:
+            store: CounterStore = app.extensions["tally"]
+        except KeyError:
+            raise RuntimeError("call counters.init_app(app) before using the tally:// storage") from None
+        return store
+
+    def _update(self, operation: str, key: str, change: Callable[[bytes | None], bytes], ttl: int) -> bytes:
+        store = self._store()
+        return metrics.measure(store, operation, limit_key(key), store.update_value, change, ttl)
+
+    def _read(self, key: str) -> bytes | None:
+        store = self._store()
+        return metrics.measure(store, "limit_get", limit_key(key), store.get_value)
+
+    # -- fixed window ------------------------------------------------------------------------------
+
+    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        """Add ``amount`` hits to the window of ``key`` (a new window of ``expiry`` s when there is
+        none or it has ended) and return the window's hits, as one atomic step."""
+
+        def change(data: bytes | None) -> bytes:
+            now = time.time()
+            hits, ends = _FIXED.unpack(data) if data and len(data) == _FIXED.size else (0, 0.0)
+            if ends <= now:
+                hits, ends = 0, now + expiry
+            return _FIXED.pack(hits + amount, ends)
+
+        hits, _ = _FIXED.unpack(self._update("limit_hit", key, change, _lifetime(expiry)))
+        return int(hits)
+
+    def _fixed(self, key: str) -> tuple[int, float] | None:
+        data = self._read(key)
+        if not data or len(data) != _FIXED.size:
+            return None
+        hits, ends = _FIXED.unpack(data)
+        return (hits, ends) if ends > time.time() else None
+
+    def get(self, key: str) -> int:
+        window = self._fixed(key)
+        return window[0] if window else 0
+
+    def get_expiry(self, key: str) -> float:
+        window = self._fixed(key)
+        return window[1] if window else time.time()
+
+    def clear(self, key: str) -> None:
+        store = self._store()
+        metrics.measure(store, "limit_clear", limit_key(key), store.delete_value)
+
+    def check(self) -> bool:
+        """Whether the store answers (its health check, within the timeout)."""
+        try:
+            self._store().health()
+        except StoreUnavailable:
+            return False
+        return True
+
+    def reset(self) -> int | None:
+        raise NotImplementedError(
+            "the tally:// storage cannot reset every limit at once (a store cannot list its shared"
+            " values); clear limits one by one with clear()"
+        )
+
+    # -- moving window -----------------------------------------------------------------------------
+
+    def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        """Take ``amount`` entries if fewer than ``limit - amount + 1`` were taken in the last
+        ``expiry`` s; the check and the taking are one atomic step."""
+        if amount > limit:
+            return False
+        acquired = False
+
+        def change(data: bytes | None) -> bytes:
+            nonlocal acquired  # the last call's decision is the one written
+            now = time.time()
+            live = [t for t in _times(data) if t > now - expiry][:limit]
+            acquired = len(live) + amount <= limit
+            if acquired:
+                live = [now] * amount + live
+            return struct.pack(f"<{len(live)}d", *live)
+
+        self._update("limit_hit", key, change, _lifetime(expiry))
+        return acquired
+
+    def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+        now = time.time()
+        live = [t for t in _times(self._read(key)) if t > now - expiry][:limit]
+        return (live[-1], len(live)) if live else (now, 0)
+
+    # -- sliding window counter --------------------------------------------------------------------
+
+    def acquire_sliding_window_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        """Count ``amount`` hits in the current window if the previous window's hits, weighted by
+        the part of it still inside the sliding window, plus the current window's, plus ``amount``
+        stay within ``limit`` (limits' rule); the check and the counting are one atomic step."""
+        if amount > limit:
+            return False
+        acquired = False
+
+        def change(data: bytes | None) -> bytes:
+            nonlocal acquired
+            now = time.time()
+            number, previous, current = _windows(data, now, expiry)
+            weighted = previous * _previous_ttl(now, expiry) / expiry + current
+            acquired = math.floor(weighted) + amount <= limit
+            if acquired:
+                current += amount
+            return _SLIDING.pack(number, previous, current)
+
+        self._update("limit_hit", key, change, _lifetime(2 * expiry))
+        return acquired
+
+    def get_sliding_window(self, key: str, expiry: int) -> tuple[int, float, int, float]:
+        now = time.time()
+        _, previous, current = _windows(self._read(key), now, expiry)
+        previous_ttl = _previous_ttl(now, expiry) if previous else 0.0
+        current_ttl = (1 - (now / expiry) % 1) * expiry + expiry
+        return previous, previous_ttl, current, current_ttl
+
+    def clear_sliding_window(self, key: str, expiry: int) -> None:
+        self.clear(key)
+
+
+def _times(data: bytes | None) -> list[float]:
+    if not data or len(data) % 8:
+        return []
+    return list(struct.unpack(f"<{len(data) // 8}d", data))
+
+
+def _windows(data: bytes | None, now: float, expiry: int) -> tuple[int, int, int]:
+    """``(number, previous hits, current hits)`` as of ``now``: windows that ended are moved on."""
+    number = int(now // expiry)
+    if not data or len(data) != _SLIDING.size:
+        return number, 0, 0
+    stored, previous, current = _SLIDING.unpack(data)
+    if stored == number:
+        return number, previous, current
+    if stored == number - 1:
+        return number, current, 0
+    return number, 0, 0
+
+
+def _previous_ttl(now: float, expiry: int) -> float:
+    """How long the previous window still weighs in the sliding window (as limits computes it)."""
+    return (1 - ((now - expiry) / expiry) % 1) * expiry
