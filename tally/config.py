@@ -23,7 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "COUNTER_STORE": None,  # None: follow CACHE_TYPE; "sql": the database at SQLALCHEMY_DATABASE_URI
     "COUNTER_DIR": "counters",  # filesystem counters: never CACHE_DIR, which cachelib prunes
     "COUNTER_FSYNC": False,  # flush every filesystem step to disk (survives power loss; slower)
-    "COUNTER_SWEEP_INTERVAL": 300,  # seconds between sweeps of expired per-client counters
+    "COUNTER_SWEEP_INTERVAL": 300,  # seconds between sweeps of expired per-client counters and values
     "COUNTER_KEY_PREFIX": "tally:",  # memcached/Redis key prefix, apart from CACHE_KEY_PREFIX
     "COUNTER_TIMEOUT": 0.5,  # seconds: every memcached/Redis call returns or fails within it
     "COUNTER_POOL_SIZE": 16,  # connections per process (>= the threads serving requests)
