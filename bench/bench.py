@@ -324,6 +324,25 @@ def limits_rows(row, http_stores, peers: dict[str, str], rounds: int, seconds: i
             "the same route unlimited",
             f"{unlimited['ratio']:.2f}x",
         )
+        # limits' memory:// keeps a limit per worker (wrong across workers): what Flask-Limiter costs
+        # with a storage that costs nearly nothing, for scale.
+        per_worker = limited_pair(
+            env,
+            {
+                "FLASK_RATELIMIT_ENABLED": "true",
+                "FLASK_RATELIMIT_DEFAULT": BENCH_LIMIT,
+                "FLASK_RATELIMIT_STORAGE_URI": "memory://",
+            },
+            rounds,
+            seconds,
+        )
+        row(
+            f"HTTP POST {COUNTER_ROUTE} limited on tally://, {name}",
+            per_worker["first"],
+            "req/s",
+            "limited on memory:// (per worker: not a limit across workers)",
+            f"{per_worker['ratio']:.2f}x",
+        )
         if name not in peers:
             continue
         peer = {

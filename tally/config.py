@@ -14,7 +14,7 @@ from urllib.parse import quote
 from flask import Flask
 
 from .errors import ConfigError
-from .stores import REGISTRY, cache_type_stores, missing_note, store_class
+from .stores import MISSING, REGISTRY, cache_type_stores, missing_note, store_class
 
 __all__ = ["DEFAULTS", "ConfigError", "backend_name", "cache_settings", "store_settings"]
 
@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "COUNTER_COMBINE": True,  # concurrent steps on one counter share a round trip (tally.combining)
     "COUNTER_MIN_REPLICAS": 0,  # Redis: replicas that must confirm each write (WAIT) before it counts
     "VALUE_MAX_BYTES": 65536,  # largest shared value, as JSON
+    "COUNTER_ERROR_HANDLERS": True,  # init_app answers TallyError with its status (tally.handlers)
     # COUNTER_STORE = "manager": one multiprocessing manager process on this host
     "COUNTER_MANAGER_ADDRESS": None,  # None: manager.sock (0600) in the instance folder; or 127.0.0.1:port
     "COUNTER_MANAGER_AUTHKEY": None,  # None: generated once into the instance folder (0600)
@@ -86,7 +87,15 @@ def backend_name(cache_type: object) -> str:
     spellings = _spellings()
     if last in spellings:
         return spellings[last]
+    needs = [why for module, why in MISSING.items() if _module_stem(module) in last]
+    if needs:  # a store Tally has, whose client library is not installed here
+        raise ConfigError(f"CACHE_TYPE {cache_type!r} needs a library that is not installed: {needs[0]}")
     raise _refuse(cache_type, _UNSUPPORTED.get(last, "is not a backend Tally knows"))
+
+
+def _module_stem(module: str) -> str:
+    """``tally.stores.redis_store`` -> ``redis``: what a Flask-Caching class name of it contains."""
+    return module.rsplit(".", 1)[-1].removesuffix("_store").split("_")[0]
 
 
 def is_number(value: Any) -> bool:
@@ -123,6 +132,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "COUNTER_TIMEOUT": (is_positive, "a number of seconds > 0"),
     "COUNTER_POOL_SIZE": (is_count, "an integer >= 1"),
     "COUNTER_COMBINE": (lambda v: isinstance(v, bool), "true or false"),
+    "COUNTER_ERROR_HANDLERS": (lambda v: isinstance(v, bool), "true or false"),
     "COUNTER_MIN_REPLICAS": (lambda v: is_count(v) or (type(v) is int and v == 0), "an integer >= 0"),
     "VALUE_MAX_BYTES": (lambda v: is_count(v) and v <= 1_000_000, "a number of bytes from 1 to 1000000"),
     "COUNTER_MANAGER_ADDRESS": (
@@ -144,7 +154,13 @@ def _check(key: str, value: Any, check: Any, expected: str) -> None:
         raise ConfigError(f"setting {key} must be {expected}; got {value!r}")
 
 
+#: Where Flask-Caching's (cachelib's) MemcachedCache looks when it is given no servers.
+DEFAULT_MEMCACHED_SERVERS = ["127.0.0.1:11211"]
+
+
 def _server_list(value: Any) -> list[str]:
+    if value is None:  # unset, as for Flask-Caching: the local server
+        return list(DEFAULT_MEMCACHED_SERVERS)
     if not (
         isinstance(value, (list, tuple))
         and value

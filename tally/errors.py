@@ -120,6 +120,11 @@ class ValueTooLarge(TallyError, ValueError):
     code = "value_too_large"
 
 
+class NotSetUp(RuntimeError):
+    """A ``Counters`` or ``SharedValues`` used in an app whose factory never called its ``init_app``:
+    a programming error, raised before anything is read or written."""
+
+
 class ConfigError(ValueError):
     """A setting has the wrong type or value, or names a store that cannot be used here; raised at
     ``init_app`` (start-up), never at the first request.  The message names the key and what it

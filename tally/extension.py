@@ -11,8 +11,9 @@ from flask import Flask, current_app
 from . import metrics
 from .combining import Combiner
 from .config import store_settings
-from .errors import ConfigError, InvalidAmount, StoreUnavailable, TallyError
-from .names import client_key, validate_name
+from .errors import ConfigError, InvalidAmount, InvalidName, NotSetUp, StoreUnavailable, TallyError
+from .handlers import register_error_handler
+from .names import CLIENT_ID_PATTERN, client_key, validate_name
 from .stores import INT64_MAX, CounterStore, build_store
 
 EXTENSION_KEY = "tally"
@@ -21,6 +22,8 @@ SETTINGS_KEY = "tally.settings"
 #: What ``Counters.incr``/``decr`` call: the store's ``add``, or a ``Combiner``'s (COUNTER_COMBINE on a
 #: store that asks for it, see ``tally.combining``).
 ADD_KEY = "tally.add"
+#: Where ``Counters.for_session`` keeps this browser's client id in its session.
+SESSION_CLIENT_ID = "tally_client_id"
 
 
 def set_up_store(app: Flask, cache: Any = None) -> CounterStore:
@@ -44,13 +47,33 @@ def set_up_store(app: Flask, cache: Any = None) -> CounterStore:
     app.extensions[EXTENSION_KEY] = store
     combine = settings["COUNTER_COMBINE"] and store.combines_adds
     app.extensions[ADD_KEY] = Combiner(store.add).add if combine else store.add
+    register_error_handler(app)
     return store
+
+
+def _not_set_up(app: Flask) -> NotSetUp:
+    return NotSetUp(
+        f"Tally is not set up on app {app.name!r}: call counters.init_app(app) in the app factory"
+        " (after cache.init_app(app) when Counters(cache) follows a Flask-Caching Cache)"
+    )
 
 
 def _app_store(app: Flask) -> CounterStore:
-    """The counter store ``set_up_store`` built for ``app``."""
-    store: CounterStore = app.extensions[EXTENSION_KEY]
+    """The counter store ``set_up_store`` built for ``app``; ``NotSetUp`` naming ``init_app`` when it
+    never ran for this app."""
+    try:
+        store: CounterStore = app.extensions[EXTENSION_KEY]
+    except KeyError:
+        raise _not_set_up(app) from None
     return store
+
+
+def _app_add(app: Flask) -> Callable[[str, int], int]:
+    try:
+        add: Callable[[str, int], int] = app.extensions[ADD_KEY]
+    except KeyError:
+        raise _not_set_up(app) from None
+    return add
 
 
 class _Extension:
@@ -115,17 +138,17 @@ class Counters(_Extension):
         """Add ``by`` (1 .. 2**63-1) to counter ``name`` and return the new value.  Concurrent calls
         on one counter may share one store step (COUNTER_COMBINE, ``tally.combining``); each is still
         counted and timed as its own step."""
-        extensions = current_app.extensions
+        app = current_app
         key, amount = validate_name(name), _check_amount(by)
-        add: Callable[[str, int], int] = extensions[ADD_KEY]
-        return metrics.measure(extensions[EXTENSION_KEY], "incr", key, add, amount)
+        add = _app_add(app)
+        return metrics.measure(app.extensions[EXTENSION_KEY], "incr", key, add, amount)
 
     def decr(self, name: str, by: int = 1) -> int:
         """Subtract ``by`` from counter ``name`` and return the new value (may go below zero)."""
-        extensions = current_app.extensions
+        app = current_app
         key, amount = validate_name(name), -_check_amount(by)
-        add: Callable[[str, int], int] = extensions[ADD_KEY]
-        return metrics.measure(extensions[EXTENSION_KEY], "decr", key, add, amount)
+        add = _app_add(app)
+        return metrics.measure(app.extensions[EXTENSION_KEY], "decr", key, add, amount)
 
     def get(self, name: str) -> int:
         """The current value of ``name``; 0 for a counter never written."""
@@ -150,7 +173,27 @@ class Counters(_Extension):
         return metrics.measure(store, "reset", validate_name(name), store.delete)
 
     def for_client(self, client_id: str, lifetime: int) -> ClientCounters:
-        """The counters of one client (browser session), which expire ``lifetime`` s after last use."""
+        """The counters of one client, which expire ``lifetime`` s after their last use.
+
+        ``client_id`` is 32 lowercase hex digits (``secrets.token_hex(16)``), kept where the client
+        keeps its identity, typically its session: ``for_session`` does exactly that.  A bad id or
+        lifetime raises ``InvalidName`` / ``InvalidAmount`` here, not at the first step."""
+        return ClientCounters(self, client_id, lifetime)
+
+    def for_session(self, lifetime: int | None = None) -> ClientCounters:
+        """The counters of this browser: its id is ``session["tally_client_id"]``, made (a random
+        ``secrets.token_hex(16)``) the first time; ``lifetime`` defaults to the app's
+        ``PERMANENT_SESSION_LIFETIME``, so the counters live as long as the session.  Needs a request
+        context and a session (a ``SECRET_KEY``, or Flask-Session)."""
+        import secrets
+
+        from flask import session
+
+        client_id = session.get(SESSION_CLIENT_ID)
+        if not isinstance(client_id, str) or not CLIENT_ID_PATTERN.fullmatch(client_id):
+            client_id = session[SESSION_CLIENT_ID] = secrets.token_hex(16)
+        if lifetime is None:
+            lifetime = int(current_app.permanent_session_lifetime.total_seconds())
         return ClientCounters(self, client_id, lifetime)
 
     def health(self) -> dict[str, Any]:
@@ -174,6 +217,13 @@ class ClientCounters:
     """Counters private to one client id; each expires ``lifetime`` seconds after its last use."""
 
     def __init__(self, counters: Counters, client_id: str, lifetime: int) -> None:
+        if not isinstance(client_id, str) or not CLIENT_ID_PATTERN.fullmatch(client_id):
+            raise InvalidName(
+                f"client ids are 32 lowercase hex digits (secrets.token_hex(16)), kept in the client's"
+                f" session; got {client_id!r:.60}"
+            )
+        if isinstance(lifetime, bool) or not isinstance(lifetime, int) or lifetime < 1:
+            raise InvalidAmount(f"'lifetime' must be a whole number of seconds >= 1, got {lifetime!r:.60}")
         self._counters = counters
         self._client_id = client_id
         self._lifetime = lifetime
