@@ -8,7 +8,6 @@ from typing import Any
 from flask import Flask
 
 import common
-from commands import counters_cli
 from routes import api, clients, errors, health, leaderboard, metrics, pages, shared
 from routes.limits import init_limits
 from sessions import init_sessions
@@ -37,7 +36,6 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     errors.register(app)
     for blueprint in (pages.bp, api.bp, clients.bp, shared.bp, health.bp, leaderboard.bp, metrics.bp):
         app.register_blueprint(blueprint)
-    app.cli.add_command(counters_cli)
     return app
 
 

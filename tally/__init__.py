@@ -1,5 +1,6 @@
 """Tally: shared counters for Flask that stay correct across threads, processes and hosts."""
 
+from . import cli as _cli  # noqa: E402, F401 - init_app adds ``flask counters`` to every app
 from .config import ConfigError
 from .errors import (
     Conflict,

@@ -26,6 +26,11 @@ ADD_KEY = "tally.add"
 SESSION_CLIENT_ID = "tally_client_id"
 
 
+#: Called with the app once its store is set up: what layers above this one add to every app
+#: (``tally.cli`` adds ``flask counters``); filled when ``tally`` is imported.
+SET_UP_HOOKS: list[Callable[[Flask], None]] = []
+
+
 def set_up_store(app: Flask, cache: Any = None) -> CounterStore:
     """The app's counter store, built once per app from its settings (and ``cache``'s backend when
     given); ``Counters`` and ``SharedValues`` share it.  Raises ``ConfigError`` at start-up for any
@@ -48,6 +53,8 @@ def set_up_store(app: Flask, cache: Any = None) -> CounterStore:
     combine = settings["COUNTER_COMBINE"] and store.combines_adds
     app.extensions[ADD_KEY] = Combiner(store.add).add if combine else store.add
     register_error_handler(app)
+    for hook in SET_UP_HOOKS:
+        hook(app)
     return store
 
 

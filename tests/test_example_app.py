@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tally.loadcheck import run_load
-from tests.servers import ROOT, Gunicorn
+from tests.servers import ROOT, Gunicorn, free_port
 from tests.test_ratelimits import post_concurrently
 
 pytestmark = pytest.mark.slow
@@ -155,3 +155,102 @@ def test_the_example_apps_limit_holds_across_its_workers(venv, example_dir, stor
     finally:
         server.stop()
     assert (statuses.count(200), statuses.count(429)) == (20, 100), (statuses, server.log_text()[-2000:])
+
+
+def run_in_venv(venv: Path, directory: Path, code: str, env: dict[str, str]) -> str:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "TALLY_"))}
+    done = subprocess.run(
+        [venv / "bin" / "python", "-c", code],
+        cwd=directory,
+        env={**environment, "PYTHONPATH": "", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_the_example_app_answers_tallys_errors_itself(venv, example_dir, tmp_path):
+    """From the wheel, in an app with no error handler of its own: the store down is a 503 JSON, a
+    bad name a 400 JSON, and a forgotten init_app says to call it."""
+    env = {"EXAMPLE_STORE": "redis", "EXAMPLE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    code = (
+        "import json; from app import app\n"
+        "client = app.test_client()\n"
+        "for path in ('/hits', '/named/bad%20name'):\n"
+        "    response = client.post(path)\n"
+        "    print(response.status_code, response.mimetype, response.get_json()['error'])\n"
+        "from forgot import app as forgot\n"
+        "forgot.testing = True  # the exception itself, not Flask's 500 page\n"
+        "try:\n"
+        "    forgot.test_client().post('/hits')\n"
+        "except Exception as error:\n"
+        "    print(type(error).__name__, error)\n"
+    )
+    lines = run_in_venv(venv, example_dir, code, env).splitlines()
+    assert lines[0] == "503 application/json store_unavailable", lines
+    assert lines[1] == "400 application/json invalid_name", lines
+    assert lines[2].startswith("NotSetUp ") and "counters.init_app(app)" in lines[2], lines
+
+
+def test_the_cli_and_the_load_checker_come_with_the_wheel(venv, example_dir, tmp_path):
+    env = {"EXAMPLE_STORE": "filesystem", "EXAMPLE_CACHE_DIR": str(tmp_path / "page-cache")}
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "TALLY_"))}
+    environment.update(env, PYTHONPATH="")
+    listed = subprocess.run(
+        [venv / "bin" / "flask", "--app", "app", "counters", "--help"],
+        cwd=example_dir,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0 and "loadcheck" in listed.stdout, listed.stdout + listed.stderr
+    closed = subprocess.run(
+        [
+            venv / "bin" / "python",
+            "-m",
+            "tally.loadcheck",
+            f"http://127.0.0.1:{free_port()}/hits",
+            "--clients",
+            "2",
+            "--requests",
+            "2",
+            "--timeout",
+            "2",
+        ],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert closed.returncode == 2 and "NOT TESTED" in closed.stdout, closed.stdout + closed.stderr
+    server = ExampleServer(venv, example_dir, env)
+    try:
+        server.start()
+        checked = subprocess.run(
+            [
+                venv / "bin" / "flask",
+                "--app",
+                "app",
+                "counters",
+                "loadcheck",
+                f"{server.url}/hits",
+                "--clients",
+                "10",
+                "--requests",
+                "10",
+            ],
+            cwd=example_dir,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        server.stop()
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"POST {server.url}/hits" in checked.stderr  # the route given, not /api/counters/...
+    assert "gaps             0 (of 1 .. 100)" in checked.stdout

@@ -615,6 +615,8 @@ def test_cli_set_and_reset(cli):
     assert result.output == "True\n"
     assert cli("reset", "x").output == "False\n"
     assert cli("get", "x").output == "0\n"
+    assert cli("set", "apples", "-5").output == "-5\n"  # a negative number, not an option
+    assert cli("get", "apples").output == "-5\n"
 
 
 @pytest.mark.parametrize(
@@ -912,3 +914,15 @@ def test_the_page_names_the_store_and_loads_nothing_from_elsewhere(make_app, sto
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # no CDN: the machine may be offline
     assert '<html lang="en">' in page and "<main>" in page
     assert all(f'aria-label="{label}"' in page for label in ("add one", "take one away"))
+
+
+def test_every_response_carries_the_security_headers(web):
+    """The page loads nothing from elsewhere and runs no inline script: a strict policy costs nothing."""
+    for response in (web.get("/"), web.get("/api/counters/x"), web.get("/static/style.css")):
+        csp = response.headers["Content-Security-Policy"]
+        assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Referrer-Policy"] == "same-origin"
+        assert response.headers["X-Frame-Options"] == "DENY"
+    page = web.get("/").get_data(as_text=True)
+    assert "<script>" not in page and " style=" not in page and "<style" not in page  # nothing inline

@@ -127,3 +127,28 @@ def test_a_missing_client_library_names_the_extra_to_install(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert "pymemcache" in out and "pip install 'flask-tally[memcached]'" in out, out
+
+
+def test_the_cli_comes_with_the_extension(tmp_path):
+    """``flask counters`` in an app that is not the demo: init_app adds it."""
+    app, counters = seed_app(tmp_path)
+    runner = app.test_cli_runner()
+    listed = runner.invoke(args=["counters", "--help"]).output
+    for command in ("get", "incr", "decr", "set", "reset", "init-db", "manager", "loadcheck"):
+        assert f"  {command} " in listed, (command, listed)
+    assert runner.invoke(args=["counters", "set", "apples", "-5"]).output == "-5\n"
+    with app.app_context():
+        assert counters.get("apples") == -5
+
+
+def test_an_apps_own_counters_command_is_kept(tmp_path):
+    import click
+
+    app = Flask("mine", instance_path=str(tmp_path))
+
+    @app.cli.command("counters")
+    def own():
+        click.echo("mine")
+
+    Counters(app)
+    assert app.test_cli_runner().invoke(args=["counters"]).output == "mine\n"

@@ -56,19 +56,66 @@ def test_a_global_variable_fails_with_duplicates_and_exit_1(cli, serve):
     assert "FAILED" in result.output
 
 
-def test_connection_errors_are_counted_not_raised(cli):
+def test_a_closed_port_is_not_a_race_but_could_not_test_with_exit_2(cli):
     url = f"http://127.0.0.1:{free_port()}"
     result = loadcheck(cli, url, "--clients", "3", "--requests", "2", "--timeout", "2")
-    assert result.exit_code == 1
+    assert result.exit_code == 2, result.output
     assert "ConnectionRefusedError: 6" in result.output
     assert "responses        6 sent; none" in result.output
+    assert "NOT TESTED: no request got an answer" in result.output and "FAILED" not in result.output
+
+
+def test_a_wrong_route_is_not_tested_with_exit_2(cli, small_server):
+    result = loadcheck(cli, small_server.url + "/no/such/route", "--clients", "2", "--requests", "2")
+    assert result.exit_code == 2, result.output
+    assert "answered 404" in result.output
+
+
+def test_a_url_with_a_path_tests_that_path(cli, small_server):
+    result = loadcheck(cli, small_server.url + "/api/counters/mine/incr", "--clients", "4", "--requests", "5")
+    assert result.exit_code == 0, result.output
+    assert "gaps             0 (of 1 .. 20)" in result.output
+    with __import__("urllib.request").request.urlopen(small_server.url + "/api/counters/mine") as reply:
+        assert __import__("json").load(reply)["value"] == 20  # that route's counter, not a loadcheck-... one
+    both = loadcheck(cli, small_server.url + "/api/counters/mine/incr", "--path", "/x")
+    assert both.exit_code == 2 and "give one or the other" in both.output
+
+
+def test_python_m_tally_loadcheck_works_without_flask(small_server):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tally.loadcheck",
+            small_server.url + "/api/counters/m/incr",
+            "--clients",
+            "3",
+            "--requests",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "verdict          OK" in done.stdout
+    helped = subprocess.run(
+        [sys.executable, "-m", "tally.loadcheck", "--help"], capture_output=True, text=True
+    )
+    assert (
+        helped.returncode == 0
+        and "Exit 0: correct; 1: a race was found; 2: it could not test" in helped.stdout
+    )
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["ftp://example"], "give a base URL such as http://127.0.0.1:8000"),
-        (["127.0.0.1:8000"], "give a base URL"),
+        (["ftp://example"], "give a URL such as http://127.0.0.1:8000"),
+        (["127.0.0.1:8000"], "give a URL"),
         (["http://127.0.0.1:1", "--path", "no-slash"], "must start with /"),
         (["http://127.0.0.1:1", "--clients", "0"], "--clients"),
         (["http://127.0.0.1:1", "--requests", "-5"], "--requests"),

@@ -39,6 +39,10 @@ def create_app() -> Flask:
     def hit():
         return jsonify(value=app.extensions["example_counters"].incr("hits"))
 
+    @app.post("/named/<name>")
+    def named(name):
+        return jsonify(value=app.extensions["example_counters"].incr(name))
+
     if os.environ.get("EXAMPLE_LIMIT"):
         from flask_limiter import Limiter
         from flask_limiter.util import get_remote_address
