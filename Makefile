@@ -31,8 +31,9 @@ $(VENV)/.test: $(VENV)/.base
 	$(call install_with_headers,$(TEST_EXTRAS)) || { echo "make test needs pylibmc: see README, Install"; exit 1; }
 	touch $@
 
+# The page's race section (RACE_DEMO: the naive global-variable route beside Tally's) is on here.
 run: $(VENV)/.base
-	$(VENV)/bin/gunicorn -c gunicorn.conf.py app:app
+	FLASK_RACE_DEMO=$${FLASK_RACE_DEMO:-true} $(VENV)/bin/gunicorn -c gunicorn.conf.py app:app
 
 # The tests start real memcached, redis-server and PostgreSQL (initdb + postgres, found on PATH or in
 # Debian's /usr/lib/postgresql/*/bin) processes and drive headless Chromium.  Redis Sentinel is

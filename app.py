@@ -8,7 +8,7 @@ from typing import Any
 from flask import Flask
 
 import common
-from routes import api, clients, errors, health, leaderboard, metrics, pages, shared
+from routes import api, clients, errors, health, leaderboard, metrics, pages, race, shared
 from routes.limits import init_limits
 from sessions import init_sessions
 from settings import ensure_secret_key, load_settings, refuse_weak_secret_key
@@ -34,7 +34,8 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     init_limits(app)  # off unless RATELIMIT_ENABLED; storage follows the counter store (settings.py)
     init_sessions(app)
     errors.register(app)
-    for blueprint in (pages.bp, api.bp, clients.bp, shared.bp, health.bp, leaderboard.bp, metrics.bp):
+    blueprints = (pages.bp, api.bp, clients.bp, shared.bp, health.bp, leaderboard.bp, metrics.bp, race.bp)
+    for blueprint in blueprints:
         app.register_blueprint(blueprint)
     return app
 

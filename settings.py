@@ -40,6 +40,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "SESSION_COOKIE_SECURE": (lambda v: isinstance(v, bool), "true or false"),
     "MAX_CONTENT_LENGTH": (is_count, "a number of bytes >= 1"),
     "RATELIMIT_ENABLED": (lambda v: isinstance(v, bool), "true or false"),
+    "RACE_DEMO": (lambda v: isinstance(v, bool), "true or false"),
     "RATELIMIT_DEFAULT": (lambda v: isinstance(v, str) and v != "", 'a limit such as "120 per minute"'),
 }
 

@@ -8,6 +8,7 @@ import secrets
 
 from flask import (
     Blueprint,
+    current_app,
     flash,
     make_response,
     redirect,
@@ -21,6 +22,7 @@ from werkzeug.exceptions import BadRequest, Forbidden
 from common import counters, shared
 
 from .clients import DEMO_COUNTER, client_counters, client_id
+from .race import MAX_REQUESTS
 
 RECENT_VISITORS = "recent-visitors"
 RECENT_LIMIT = 10
@@ -52,6 +54,8 @@ def index():
             recent=recent,
             me=me,
             csrf_token=csrf_token(),
+            race_demo=current_app.config.get("RACE_DEMO", False),
+            race_max=MAX_REQUESTS,
         )
     )
     response.headers["Cache-Control"] = "no-store"

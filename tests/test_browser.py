@@ -114,3 +114,39 @@ def test_two_browsers_keep_their_own_counters_and_share_the_hits(
     screenshots = os.environ.get("TALLY_SCREENSHOT_DIR")
     if screenshots:  # how docs/screenshot.png was made
         shutil.copy(tmp_path / f"tally-{session_backend}.png", screenshots)
+
+
+def test_the_race_section_shows_the_global_variable_repeating_numbers_and_tally_not(
+    serve, store_settings, open_browser, tmp_path
+):
+    """The page's "Will this happen to me?": 100 requests at once from the browser to each counter,
+    under gunicorn 4 workers: the global variable hands out numbers twice, Tally none."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    env = {**settings_env(store_settings("filesystem")), "FLASK_RACE_DEMO": "true"}
+    server = serve(env, workers=4, threads=4)
+    browser = open_browser(javascript=True)
+    browser.get(server.url + "/")
+    browser.find_element(By.ID, "race-run").click()
+    WebDriverWait(browser, 60).until(
+        lambda d: d.execute_script("return document.getElementById('race-form').dataset.done") == "1"
+    )
+
+    def result(side: str, field: str) -> int:
+        script = "return document.querySelector(arguments[0] + ' [data-result]').dataset[arguments[1]]"
+        return int(browser.execute_script(script, f"#race-{side}", field))
+
+    assert result("naive", "answers") == result("tally", "answers") == 100
+    assert result("naive", "duplicates") > 0  # one global per worker process: numbers handed out again
+    assert result("tally", "duplicates") == 0
+    bars = browser.find_elements(By.CSS_SELECTOR, "#race-naive rect.twice")
+    assert bars, "the naive side's chart shows the repeated numbers"
+    assert not browser.find_elements(By.CSS_SELECTOR, "#race-tally rect.twice")
+    section = browser.find_element(By.ID, "race")
+    browser.execute_script("arguments[0].scrollIntoView()", section)
+    section.screenshot(str(tmp_path / "race.png"))
+    assert (tmp_path / "race.png").stat().st_size > 5_000
+    screenshots = os.environ.get("TALLY_SCREENSHOT_DIR")
+    if screenshots:  # how docs/race.png was made
+        shutil.copy(tmp_path / "race.png", screenshots)

@@ -926,3 +926,16 @@ def test_every_response_carries_the_security_headers(web):
         assert response.headers["X-Frame-Options"] == "DENY"
     page = web.get("/").get_data(as_text=True)
     assert "<script>" not in page and " style=" not in page and "<style" not in page  # nothing inline
+
+
+def test_the_race_routes_are_off_unless_enabled(web, make_app, store_settings):
+    assert web.post("/race/naive/incr").status_code == 404
+    assert web.post("/race/tally/incr").status_code == 404
+    assert "race-form" not in web.get("/").get_data(as_text=True)
+    client = make_app(store_settings("filesystem"), RACE_DEMO=True).test_client()
+    assert "race-form" in client.get("/").get_data(as_text=True)
+    naive = [client.post("/race/naive/incr").get_json()["value"] for _ in range(3)]
+    assert naive == [naive[0], naive[0] + 1, naive[0] + 2]  # one process: it counts (the race needs several)
+    assert [client.post("/race/tally/incr").get_json()["value"] for _ in range(3)] == [1, 2, 3]
+    assert client.post("/race/tally/incr").headers["Connection"] == "close"
+    assert client.get("/race/naive/incr").status_code == 405
