@@ -4,17 +4,25 @@
 
     Limiter(get_remote_address, app=app, storage_uri="tally://", storage_options={"counters": counters})
 
-Every hit is one ``update_value`` of the store: a read, the strategy's decision and the write as one
-atomic step (under the store's lock, or a compare-and-set retried on a conflict), so no hit over the
-limit gets through, across threads, worker processes and hosts that share the store.  That holds for
-all three of limits' strategies:
+Every hit is one atomic step of the store, so no hit over the limit gets through, across threads,
+worker processes and hosts that share the store.  That holds for all three of limits' strategies:
 
 - fixed window: ``(count, end of window)``; the window starts at its first hit, as in limits' own
-  storages;
+  storages.  On a store with ``WindowSupport`` (filesystem, SQL, Redis and its topologies, memory)
+  it is one counter step, a per-client-style key whose lifetime is set by the window's first hit
+  (its end rounded up to the whole second on the filesystem and SQL); elsewhere (memcached, the
+  manager) a value update as below;
 - moving window: the times of the hits in the window, newest first, never more than the limit;
 - sliding window counter: ``(window number, previous count, current count)``, the two windows limits'
   other storages keep under two keys kept here in one value, so the weighted decision and the hit are
   one step.
+
+The moving and sliding windows are one ``update_value``: the read, the decision and the write as one
+step (under the store's lock, or a compare-and-set retried on a conflict).
+
+Flask-Limiter asks ``get`` and ``get_expiry`` right after every hit, for its ``X-RateLimit-*``
+headers: within ``RECENT`` (50 ms) the same thread is answered from that hit's own result instead of
+two more store reads.  No hit is ever decided from it.
 
 Limit keys are shared values under a mark of their own (``@rl.`` and a SHA-256 of limits' key), so
 any key (long, unicode, ``/``, ``..``) is safe, and no counter listing, shared value or page cache
@@ -34,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,11 +52,13 @@ from limits.storage import MovingWindowSupport, SlidingWindowCounterSupport, Sto
 
 from . import metrics
 from .errors import StoreUnavailable, TallyError
-from .stores.base import CounterStore
+from .stores.base import CounterStore, WindowSupport
 
 #: Shared values whose key starts with this are limits' (no validated key starts with ``@``).
 LIMIT_MARK = "@rl."
 
+#: How long a thread's own last hit or read of a fixed window answers its next get/get_expiry.
+RECENT = 0.05
 _FIXED = struct.Struct("<qd")  # hits, end of the window (unix seconds)
 _SLIDING = struct.Struct("<qqq")  # window number (now // expiry), previous window's hits, current's
 
@@ -80,6 +91,7 @@ class TallyStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport):
             raise TypeError(f"the tally:// storage takes no options but counters; got {sorted(options)}")
         super().__init__(uri, wrap_exceptions=wrap_exceptions)
         self._counters = counters
+        self._last = threading.local()  # this thread's last fixed window: see _fixed
 
     @property
     def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
@@ -113,7 +125,13 @@ class TallyStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport):
 
     def incr(self, key: str, expiry: int, amount: int = 1) -> int:
         """Add ``amount`` hits to the window of ``key`` (a new window of ``expiry`` s when there is
-        none or it has ended) and return the window's hits, as one atomic step."""
+        none or it has ended) and return the window's hits, as one atomic step: a counter step on a
+        store with ``WindowSupport``, else a value update."""
+        store = self._store()
+        if isinstance(store, WindowSupport):
+            window = metrics.measure(store, "limit_hit", limit_key(key), store.add_in_window, amount, expiry)
+            self._remember(key, window)
+            return window[0]
 
         def change(data: bytes | None) -> bytes:
             now = time.time()
@@ -122,15 +140,31 @@ class TallyStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport):
                 hits, ends = 0, now + expiry
             return _FIXED.pack(hits + amount, ends)
 
-        hits, _ = _FIXED.unpack(self._update("limit_hit", key, change, _lifetime(expiry)))
+        hits, ends = _FIXED.unpack(self._update("limit_hit", key, change, _lifetime(expiry)))
+        self._remember(key, (int(hits), ends))
         return int(hits)
 
+    def _remember(self, key: str, window: tuple[int, float] | None) -> None:
+        self._last.window = (key, window, time.monotonic())
+
     def _fixed(self, key: str) -> tuple[int, float] | None:
-        data = self._read(key)
-        if not data or len(data) != _FIXED.size:
-            return None
-        hits, ends = _FIXED.unpack(data)
-        return (hits, ends) if ends > time.time() else None
+        """The live window of ``key``: what this thread's last hit or read of it returned, if that
+        was under ``RECENT`` s ago (Flask-Limiter asks ``get`` then ``get_expiry`` right after each
+        hit, for its headers), else read from the store.  A hit is never decided from it."""
+        last = getattr(self._last, "window", None)
+        if last is not None and last[0] == key and time.monotonic() - last[2] < RECENT:
+            window: tuple[int, float] | None = last[1]
+            return window if window is None or window[1] > time.time() else None
+        store = self._store()
+        if isinstance(store, WindowSupport):
+            window = metrics.measure(store, "limit_get", limit_key(key), store.read_window)
+        else:
+            data = self._read(key)
+            window = _FIXED.unpack(data) if data and len(data) == _FIXED.size else None
+            if window is not None and window[1] <= time.time():
+                window = None
+        self._remember(key, window)
+        return window
 
     def get(self, key: str) -> int:
         window = self._fixed(key)
@@ -141,7 +175,11 @@ class TallyStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport):
         return window[1] if window else time.time()
 
     def clear(self, key: str) -> None:
+        """Forget ``key``'s hits, whichever strategy counted them (a window counter or a value)."""
+        self._last.window = None
         store = self._store()
+        if isinstance(store, WindowSupport):
+            metrics.measure(store, "limit_clear", limit_key(key), store.delete)
         metrics.measure(store, "limit_clear", limit_key(key), store.delete_value)
 
     def check(self) -> bool:

@@ -29,6 +29,7 @@ import tally
 from tally import Conflict, InvalidAmount, InvalidName, InvalidValue, Overflow, ValueTooLarge
 from tally.names import client_key
 from tally.stores import CounterStore
+from tally.stores.base import WindowSupport
 
 CLIENT = "0123456789abcdef0123456789abcdef"
 OTHER_CLIENT = "fedcba9876543210fedcba9876543210"
@@ -487,7 +488,61 @@ class LifetimeContract(ContractBase):
             assert theirs.get("read") == 0  # reading creates nothing
 
 
+class WindowContract(ContractBase):
+    """``WindowSupport``: a counter whose lifetime is set by its first step and kept by the others (the
+    fixed window of ``tally.ratelimits``).  Skipped on a store that does not declare it."""
+
+    @pytest.fixture
+    def window_store(self, bare):
+        if not isinstance(bare.store, WindowSupport):
+            pytest.skip(f"the {bare.store.backend} store has no native fixed window (values instead)")
+        return bare.store
+
+    def test_a_window_keeps_the_end_its_first_step_set(self, window_store):
+        before = time.time()
+        value, ends = window_store.add_in_window("@rl.w", 1, 60)
+        assert value == 1 and before + 59.9 <= ends <= time.time() + 61  # rounded up to a second at most
+        value, kept = window_store.add_in_window("@rl.w", 4, 600)
+        assert value == 5 and kept == pytest.approx(ends, abs=0.05)  # a live window keeps its end
+        value, read = window_store.read_window("@rl.w")
+        assert value == 5 and read == pytest.approx(ends, abs=0.05)
+        assert window_store.read_window("@rl.missing") is None
+        assert window_store.names(100) == []  # never listed
+        assert window_store.delete("@rl.w") is True and window_store.read_window("@rl.w") is None
+
+    def test_an_ended_window_starts_again(self, window_store):
+        window_store.add_in_window("@rl.brief", 3, 0.5)
+        time.sleep(1.6)  # past the end, even rounded up to the whole second
+        assert window_store.read_window("@rl.brief") is None
+        value, ends = window_store.add_in_window("@rl.brief", 1, 30)
+        assert value == 1 and ends > time.time() + 29
+
+    def test_a_window_step_past_the_range_is_an_overflow(self, window_store):
+        window_store.add_in_window("@rl.big", type(window_store).max_value, 60)
+        with pytest.raises(Overflow):
+            window_store.add_in_window("@rl.big", 1, 60)
+        assert window_store.read_window("@rl.big")[0] == type(window_store).max_value
+
+    def test_concurrent_window_steps_are_exact(self, bare, window_store):
+        seen: list[int] = []
+        lock = threading.Lock()
+
+        def work(_: int) -> None:
+            for _ in range(50):
+                value, _ends = window_store.add_in_window("@rl.raced", 1, 60)
+                with lock:
+                    seen.append(value)
+
+        run_threads(work, 8)
+        assert sorted(seen) == list(range(1, 401))
+
+
 class StoreContract(
-    CounterContract, ClientCounterContract, ValueContract, OptimisticUpdateContract, LifetimeContract
+    CounterContract,
+    ClientCounterContract,
+    ValueContract,
+    OptimisticUpdateContract,
+    LifetimeContract,
+    WindowContract,
 ):
     """Every contract: subclass it with ``backend = "..."`` (``tests/test_store_contract.py``)."""

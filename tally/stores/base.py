@@ -269,6 +269,24 @@ class SessionStorage(ABC):
         """Remove a session; return whether it existed."""
 
 
+class WindowSupport(ABC):
+    """A store that can count in a fixed window natively: a counter whose lifetime is set when it is
+    created and kept by every later step, with that end readable.  ``tally.ratelimits`` counts the
+    fixed window with it in one store step (a counter step, not a value update).  Keys are per-client
+    keys (``@...``): never listed, swept like them.  A window's end may be rounded up to the store's
+    clock (whole seconds on the filesystem and SQL)."""
+
+    @abstractmethod
+    def add_in_window(self, key: str, delta: int, window: float) -> tuple[int, float]:
+        """Add ``delta`` and return ``(value, end)`` (``end``: unix time) as one atomic step: a key
+        that is missing or whose window has ended starts from 0 in a window of ``window`` seconds
+        from now; a live key keeps its end.  ``Overflow`` as for ``add``."""
+
+    @abstractmethod
+    def read_window(self, key: str) -> tuple[int, float] | None:
+        """``(value, end)`` of a live window; ``None`` when the key is missing or its window ended."""
+
+
 class SchemaSupport(ABC):
     """A store whose tables an operator may create ahead of time (``flask counters init-db``)."""
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import NotOneProcess
-from .base import REGISTRY, CounterStore, ForkAdoption, counter_name
+from .base import REGISTRY, CounterStore, ForkAdoption, WindowSupport, counter_name
 
 #: Lock files this process holds, by path: one open descriptor per file, whatever the number of stores.
 _HELD_LOCKS: dict[str, int] = {}
@@ -26,7 +26,7 @@ def fix() -> str:
     )
 
 
-class MemoryCounterStore(CounterStore, ForkAdoption):
+class MemoryCounterStore(CounterStore, ForkAdoption, WindowSupport):
     """Atomic across the threads of one process (one lock); nothing is shared between processes.
 
     It never hands out a number another process could hand out too.  Every operation raises
@@ -105,6 +105,27 @@ class MemoryCounterStore(CounterStore, ForkAdoption):
             value = self.check_range(self._current(key, now) + delta)
             self._store(key, value, ttl, now)
             return value
+
+    def add_in_window(self, key: str, delta: int, window: float) -> tuple[int, float]:
+        self._check_process()
+        with self._lock:
+            now = time.monotonic()
+            value, ends = self._values.get(key, (0, None))
+            if ends is None or ends <= now:
+                value, ends = 0, now + window
+            new = self.check_range(value + delta)
+            self._values[key] = (new, ends)
+            self._maybe_sweep(now)
+            return new, time.time() + (ends - now)
+
+    def read_window(self, key: str) -> tuple[int, float] | None:
+        self._check_process()
+        with self._lock:
+            now = time.monotonic()
+            value, ends = self._values.get(key, (0, None))
+            if ends is None or ends <= now:
+                return None
+            return value, time.time() + (ends - now)
 
     def get(self, key: str, ttl: int | None = None) -> int:
         self._check_process()

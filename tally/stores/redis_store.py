@@ -6,6 +6,8 @@ One class holds every Redis mechanism; the Sentinel and Cluster stores (``redis_
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -17,7 +19,15 @@ from redis.retry import Retry
 
 from .. import metrics
 from ..errors import Conflict, CorruptCounter, Overflow, ReplicationUnconfirmed, StoreUnavailable
-from .base import VALUE_RETRIES, CounterStore, KeyLocks, SessionStorage, counter_name, pause_after_conflict
+from .base import (
+    VALUE_RETRIES,
+    CounterStore,
+    KeyLocks,
+    SessionStorage,
+    WindowSupport,
+    counter_name,
+    pause_after_conflict,
+)
 
 #: Keys Redis looks at per ``SCAN`` call while enumerating counter names (a hint, not a bound).
 SCAN_COUNT = 1000
@@ -25,6 +35,18 @@ SCAN_COUNT = 1000
 #: A per-client counter's step and its new lifetime, as one atomic step on one key.
 ADD_WITH_LIFETIME = (
     "local value = redis.call('INCRBY', KEYS[1], ARGV[1]) redis.call('EXPIRE', KEYS[1], ARGV[2]) return value"
+)
+#: A fixed window's step: add, and give the key its lifetime (ARGV[2], ms) only when it has none, that
+#: is when this step created it; returns the value and the milliseconds left.
+ADD_IN_WINDOW = (
+    "local value = redis.call('INCRBY', KEYS[1], ARGV[1]) local left = redis.call('PTTL', KEYS[1])"
+    " if left < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) left = tonumber(ARGV[2]) end"
+    " return {value, left}"
+)
+#: A fixed window's read: the value and the milliseconds left, or nil.
+READ_WINDOW = (
+    "local value = redis.call('GET', KEYS[1]) if not value then return false end"
+    " return {value, redis.call('PTTL', KEYS[1])}"
 )
 #: A per-client counter's read, renewing the lifetime of a live key.
 GET_AND_RENEW = (
@@ -61,7 +83,7 @@ def no_retries() -> Retry:
     return Retry(NoBackoff(), 0)
 
 
-class RedisCounterStore(CounterStore, SessionStorage):
+class RedisCounterStore(CounterStore, SessionStorage, WindowSupport):
     """Atomic across every process and host using the server; Redis checks int64 overflow itself.
 
     Commands are never retried by the client: a retried ``INCRBY`` whose first reply was lost would
@@ -202,6 +224,27 @@ class RedisCounterStore(CounterStore, SessionStorage):
             if not ttl:
                 return int(self._write(rkey, "INCRBY", rkey, delta))
             return int(self._write(rkey, "EVAL", ADD_WITH_LIFETIME, 1, rkey, delta, ttl))
+
+    def add_in_window(self, key: str, delta: int, window: float) -> tuple[int, float]:
+        """One script: ``INCRBY``, and ``PEXPIRE`` only when it created the key (then ``WAIT`` as for
+        every write)."""
+        rkey = self._key(key)
+        with self._errors(key):
+            value, left = self._write(
+                rkey, "EVAL", ADD_IN_WINDOW, 1, rkey, delta, max(1, math.ceil(window * 1000))
+            )
+        return int(value), time.time() + int(left) / 1000
+
+    def read_window(self, key: str) -> tuple[int, float] | None:
+        rkey = self._key(key)
+        with self._errors(key):
+            raw = self._read(rkey, "EVAL", READ_WINDOW, 1, rkey)
+        if not raw or int(raw[1]) < 0:
+            return None
+        try:
+            return int(raw[0]), time.time() + int(raw[1]) / 1000
+        except ValueError:
+            raise CorruptCounter(f"counter {key!r}: Redis holds {raw[0]!r:.40}, not a counter") from None
 
     def get(self, key: str, ttl: int | None = None) -> int:
         rkey = self._key(key)

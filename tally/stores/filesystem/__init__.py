@@ -12,15 +12,16 @@ finds the tombstone when it next takes the lock and reopens the path, so a count
 between an orphaned inode and a new file.  Descriptors are per process: after a fork the child drops
 those it inherited (their ``flock`` would be shared with the parent's).
 
-The package's modules: ``records`` (the counter file's format), ``values`` (the shared values' files)
-and ``store`` (``FileCounterStore``, with its descriptors and the sweep).  Every name callers use is
+The package's modules: ``records`` (the counter file's format), ``values`` (the shared values' files),
+``sweep`` (the sweep of expired files) and ``store`` (``FileCounterStore``, with its descriptors).  Every name callers use is
 importable from the package itself; importing it registers the store.
 """
 
 from __future__ import annotations
 
 from .records import GONE, LIVE, RECORD, TEMP_PREFIX, pack_record, unpack_record
-from .store import SWEEP_LOCK, FileCounterStore
+from .store import FileCounterStore
+from .sweep import SWEEP_LOCK
 from .values import VALUE_HEADER, VALUES_DIR, ValueFiles
 
 __all__ = [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import threading
 import time
@@ -18,13 +19,10 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from ...errors import ConfigError, CorruptCounter, StoreUnavailable
-from ...names import is_client_key
-from ..base import CounterStore, counter_name
+from ..base import CounterStore, WindowSupport, counter_name
 from .records import GONE, RECORD, TEMP_PREFIX, pack_record, unpack_record
+from .sweep import sweep_directory
 from .values import ValueFiles
-
-#: The lock one process of the host holds while it sweeps expired per-client counters.
-SWEEP_LOCK = ".sweep.lock"
 
 T = TypeVar("T")
 
@@ -40,7 +38,7 @@ class _Handle:
         self.closed = False
 
 
-class FileCounterStore(CounterStore):
+class FileCounterStore(CounterStore, WindowSupport):
     """Atomic across every process and thread of one host sharing ``directory``.
 
     A process killed at any instant leaves each file holding either the old or the new record (one
@@ -223,7 +221,9 @@ class FileCounterStore(CounterStore):
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _write(self, fd: int, value: int, ttl: int | None) -> None:
-        expires_at = int(time.time()) + ttl + 1 if ttl else 0
+        self._write_record(fd, value, int(time.time()) + ttl + 1 if ttl else 0)
+
+    def _write_record(self, fd: int, value: int, expires_at: int) -> None:
         os.pwrite(fd, pack_record(value, expires_at), 0)
         if self.fsync:
             os.fdatasync(fd)
@@ -276,22 +276,48 @@ class FileCounterStore(CounterStore):
             self._maybe_sweep()
         return result
 
+    def add_in_window(self, key: str, delta: int, window: float) -> tuple[int, float]:
+        """One record step under the lock, as ``add``: the record's expiry is the window's end,
+        rounded up to the whole second; written only when the window starts."""
+
+        def step(fd: int | None, record: tuple[int, int] | None) -> tuple[int, float]:
+            assert fd is not None
+            if record is None or not record[1] or self._is_expired(record):
+                value, ends = 0, math.ceil(time.time() + window)
+            else:
+                value, ends = record
+            new = self.check_range(value + delta)
+            self._write_record(fd, new, ends)
+            return new, float(ends)
+
+        result = self._locked(key, True, step)
+        self._maybe_sweep()
+        return result
+
+    def read_window(self, key: str) -> tuple[int, float] | None:
+        record = self._record(key)
+        if record is None or not record[1] or self._is_expired(record):
+            return None
+        return record[0], float(record[1])
+
     def get(self, key: str, ttl: int | None = None) -> int:
-        if ttl:
-            return self._renew(key, ttl)
+        return self._renew(key, ttl) if ttl else self._live_value(self._record(key))
+
+    def _record(self, key: str) -> tuple[int, int] | None:
+        """``(value, expires_at)`` of ``key``'s record, read without the lock; ``None`` when missing."""
         try:
             while True:
                 handle = self._handle(key, create=False)
                 if handle is None:
-                    return 0
+                    return None
                 with handle.lock:
                     if handle.closed:
-                        continue
+                        continue  # evicted from the descriptor cache meanwhile: open it again
                     record = self._read_settled(handle.fd, key)
-                    if record is None:
+                    if record is None:  # a tombstone: reset meanwhile
                         self._discard(key, handle)
                         continue
-                    return self._live_value(record)
+                    return record
         except OSError as error:
             raise StoreUnavailable(f"counter directory {self.directory}: {error}") from error
 
@@ -437,30 +463,9 @@ class FileCounterStore(CounterStore):
 
     def sweep_expired(self) -> int:
         """Remove expired per-client counters, expired shared values (limits' keys, sessions) and stale
-        temporary files; return how many.
-
-        Only keys starting with ``@`` are ever opened here: a never-expiring counter cannot be removed.
-        One process of the host sweeps at a time; the others skip.
-        """
-        lock_fd = os.open(
-            os.path.join(self.directory, SWEEP_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-        )
-        try:
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return 0
-            removed = 0
-            now = time.time()
-            with os.scandir(self.directory) as entries:
-                for entry in entries:
-                    if is_client_key(entry.name):
-                        removed += self._remove_if_expired(entry.name, now)
-                    elif entry.name.startswith(TEMP_PREFIX) and entry.stat().st_mtime < now - 3600:
-                        os.unlink(entry.path)  # left by a process killed while creating a counter
-            return removed + self._values.sweep_expired(now)
-        finally:
-            os.close(lock_fd)
+        temporary files; return how many (``sweep.sweep_directory``: one process of the host at a
+        time; only ``@`` files are ever opened, so a never-expiring counter cannot be removed)."""
+        return sweep_directory(self.directory, self._remove_if_expired, self._values.sweep_expired)
 
     def _remove_if_expired(self, key: str, now: float) -> int:
         try:

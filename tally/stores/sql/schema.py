@@ -47,7 +47,7 @@ values_table = Table(
 )
 
 #: The statements that only read (every other one takes SQLite's write lock).
-READS = frozenset({"read", "names", "get_value"})
+READS = frozenset({"read", "names", "get_value", "window_read"})
 #: The longest key prefix: a name column holds 255 characters, and a key is at most 100.
 MAX_PREFIX = 155
 
@@ -80,6 +80,20 @@ def statements(dialect: str, prefix: str) -> dict[str, Any]:
         where=or_(expired, c.value.between(bindparam("lowest"), bindparam("highest"))),
     ).returning(c.value)
 
+    # A fixed window (tally.ratelimits): as "step", but a live row keeps its end; an ended one starts
+    # again from the step, in a new window.
+    window_step = insert(counters_table).values(
+        name=bindparam("name"), value=bindparam("delta", type_=BigInteger), expires_at=bindparam("expires_at")
+    )
+    window_step = window_step.on_conflict_do_update(
+        index_elements=[c.name],
+        set_={
+            "value": _value_after_step(window_step, c, expired),
+            "expires_at": case((expired, window_step.excluded.expires_at), else_=c.expires_at),
+        },
+        where=or_(expired, c.value.between(bindparam("lowest"), bindparam("highest"))),
+    ).returning(c.value, c.expires_at)
+
     replace = insert(counters_table).values(
         name=bindparam("name"), value=bindparam("value", type_=BigInteger), expires_at=bindparam("expires_at")
     )
@@ -98,6 +112,10 @@ def statements(dialect: str, prefix: str) -> dict[str, Any]:
     value_live = or_(v.expires_at.is_(None), v.expires_at > bindparam("now"))
     return {
         "step": step,
+        "window_step": window_step,
+        "window_read": select(c.value, c.expires_at).where(
+            c.name == bindparam("name"), c.expires_at.is_not(None), c.expires_at > bindparam("now")
+        ),
         "read": select(c.value).where(c.name == bindparam("name"), live),
         "renew": update(counters_table)
         .where(c.name == bindparam("counter"), live)

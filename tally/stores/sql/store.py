@@ -6,6 +6,7 @@ slices, PostgreSQL's socket deadline), every driver error mapped to ``Overflow``
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import sqlite3
@@ -20,7 +21,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 
 from ...errors import ConfigError, Overflow, StoreUnavailable
-from ..base import INT64_MAX, INT64_MIN, CounterStore, KeyLocks, SchemaSupport, counter_name
+from ..base import INT64_MAX, INT64_MIN, CounterStore, KeyLocks, SchemaSupport, WindowSupport, counter_name
 from .deadlines import SocketDeadlines
 from .engines import DEFAULT_DATABASE_URI, database_uri, postgresql_engine, sqlite_engine
 from .schema import MAX_PREFIX, READS, metadata, statements
@@ -28,7 +29,7 @@ from .schema import MAX_PREFIX, READS, metadata, statements
 SQLITE_BUSY, SQLITE_LOCKED = 5, 6
 
 
-class SqlCounterStore(CounterStore, SchemaSupport):
+class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
     """Atomic in the database: one ``INSERT ... ON CONFLICT ... RETURNING`` per step.
 
     SQLite: the processes of one host (WAL, a lock waited for up to ``timeout``); PostgreSQL: every
@@ -294,6 +295,27 @@ class SqlCounterStore(CounterStore, SchemaSupport):
         if not rows:
             raise Overflow(f"adding {delta} would leave the int64 range; the counter is unchanged")
         return int(rows[0][0])
+
+    def add_in_window(self, key: str, delta: int, window: float) -> tuple[int, float]:
+        """One upsert, as ``add``: a live row keeps its ``expires_at`` (whole seconds, rounded up)."""
+        lowest = INT64_MIN - delta if delta < 0 else INT64_MIN
+        highest = INT64_MAX - delta if delta > 0 else INT64_MAX
+        rows = self._run(
+            "window_step",
+            name=self.key_prefix + key,
+            delta=delta,
+            expires_at=math.ceil(time.time() + window),
+            lowest=lowest,
+            highest=highest,
+        )
+        self._maybe_sweep()
+        if not rows:
+            raise Overflow(f"adding {delta} would leave the int64 range; the counter is unchanged")
+        return int(rows[0][0]), float(rows[0][1])
+
+    def read_window(self, key: str) -> tuple[int, float] | None:
+        rows = self._run("window_read", name=self.key_prefix + key)
+        return (int(rows[0][0]), float(rows[0][1])) if rows else None
 
     def get(self, key: str, ttl: int | None = None) -> int:
         if ttl:
