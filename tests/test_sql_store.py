@@ -330,3 +330,29 @@ def test_a_shared_value_locked_elsewhere_is_a_503_in_time_and_unchanged(own_post
         assert store.update_value("v", lambda data: data + b"+third") == b"first+third"
     finally:
         store.close()
+
+
+def test_pooled_connections_idle_through_a_restart_answer_without_a_503(own_postgres):
+    """8 connections sit idle in the pool while PostgreSQL restarts: once it is back, no step fails
+    (each dead connection is found by a peek at checkout and replaced), as on memcached."""
+    from tally.stores.sql import SqlCounterStore
+
+    store = SqlCounterStore(own_postgres.url, timeout=2.0, pool_size=8)
+    try:
+        barrier = threading.Barrier(8)
+
+        def hold_one(_: int) -> None:  # 8 steps at once: 8 connections in the pool
+            barrier.wait(timeout=10)
+            store.add("warm", 1)
+
+        threads = [threading.Thread(target=hold_one, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert store.get("warm") == 8
+        own_postgres.stop()
+        own_postgres.start()
+        assert [store.add("after", 1) for _ in range(20)] == list(range(1, 21))
+    finally:
+        store.close()

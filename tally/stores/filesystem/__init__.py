@@ -13,8 +13,8 @@ between an orphaned inode and a new file.  Descriptors are per process: after a 
 those it inherited (their ``flock`` would be shared with the parent's).
 
 The package's modules: ``records`` (the counter file's format), ``values`` (the shared values' files),
-``sweep`` (the sweep of expired files) and ``store`` (``FileCounterStore``, with its descriptors).  Every name callers use is
-importable from the package itself; importing it registers the store.
+``sweep`` (the sweep of expired files) and ``store`` (``FileCounterStore``, with its descriptors).
+Every name callers use is importable from the package itself; importing it registers the store.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import select
 import sqlite3
 import threading
 import time
@@ -21,7 +22,15 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 
 from ...errors import ConfigError, Overflow, StoreUnavailable
-from ..base import INT64_MAX, INT64_MIN, CounterStore, KeyLocks, SchemaSupport, WindowSupport, counter_name
+from ..base import (
+    INT64_MAX,
+    INT64_MIN,
+    CounterStore,
+    KeyLocks,
+    SchemaSupport,
+    WindowSupport,
+    counter_name,
+)
 from .deadlines import SocketDeadlines
 from .engines import DEFAULT_DATABASE_URI, database_uri, postgresql_engine, sqlite_engine
 from .schema import MAX_PREFIX, READS, metadata, statements
@@ -90,6 +99,7 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
         self._schema_lock = threading.Lock()
         self._statements = statements(self.dialect, key_prefix)
         self._deadlines = SocketDeadlines() if self.dialect == "postgresql" else None
+        self._pool_size = pool_size
         self._compiled: dict[str, tuple[str, tuple[str, ...] | None, dict[str, Any]]] = {}
         if self.dialect == "sqlite":
             self._engine = sqlite_engine(parsed, pool_size, fsync, timeout)
@@ -187,6 +197,8 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
                 raise StoreUnavailable(f"{self.dialect} database {self.url}: {_first_line(error)}") from error
             except self._driver_error as error:  # raw_connection() passes the driver's own errors on
                 raise StoreUnavailable(f"{self.dialect} database {self.url}: {error}") from error
+            if self._deadlines is not None:
+                raw = self._live(raw)
             token = None
             if self._deadlines is not None:
                 token = self._deadlines.watch(_fileno(raw.dbapi_connection), self.timeout)
@@ -205,6 +217,22 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
         finally:
             if writer is not None:
                 writer.release()
+
+    def _live(self, raw: Any) -> Any:
+        """``raw``, or, when PostgreSQL closed it while it sat idle in the pool (a restart, a
+        failover, an idle timeout), a fresh connection in its place: one non-blocking peek at its
+        socket, since an idle PostgreSQL connection has nothing to read unless the server ended it.
+        Without it, every pooled connection would answer one 503 after the database came back."""
+        for _ in range(self._pool_size + 1):
+            if not _closed_by_server(raw):
+                return raw
+            raw.invalidate()
+            raw.close()
+            try:
+                raw = self._engine.raw_connection()
+            except (exc.DBAPIError, exc.TimeoutError, self._driver_error) as error:
+                raise StoreUnavailable(f"{self.dialect} database {self.url}: {error}") from error
+        return raw
 
     def _sql(self, statement: str) -> tuple[str, tuple[str, ...] | None, dict[str, Any]]:
         """The driver's SQL text of a statement, for positional parameters their names in order, and
@@ -414,6 +442,15 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
 
     def close(self) -> None:
         self._engine.dispose()
+
+
+def _closed_by_server(raw: Any) -> bool:
+    """Whether the server closed (or sent something on) this idle connection: a ``poll`` of its
+    socket that does not wait (any descriptor number; the socket's own flags, which libpq owns, are
+    left as they are)."""
+    poller = select.poll()
+    poller.register(_fileno(raw.dbapi_connection), select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
 
 
 def _fileno(dbapi_connection: DBAPIConnection | None) -> int:
