@@ -356,3 +356,19 @@ def test_pooled_connections_idle_through_a_restart_answer_without_a_503(own_post
         assert [store.add("after", 1) for _ in range(20)] == list(range(1, 21))
     finally:
         store.close()
+
+
+def test_a_multi_host_url_reaches_the_host_that_answers(postgres_server, make_app, store_settings):
+    """libpq's multi-host form, as SQLAlchemy documents it for psycopg: the first host is down (a
+    closed port), the second serves, ``target_session_attrs=read-write`` picks the one that takes
+    writes.  Every request was a 503 before ("failed to resolve host '127.0.0.1:P'")."""
+    from tests.servers import free_port
+
+    url = (
+        f"postgresql+psycopg://postgres@/postgres?host=127.0.0.1:{free_port()}"
+        f"&host=127.0.0.1:{postgres_server.port}&target_session_attrs=read-write"
+    )
+    app = make_app({**store_settings("postgresql"), "SQLALCHEMY_DATABASE_URI": url, "COUNTER_TIMEOUT": 3.0})
+    client = app.test_client()
+    assert [client.post("/api/counters/multi/incr").get_json()["value"] for _ in range(3)] == [1, 2, 3]
+    assert client.get("/healthz").status_code == 200

@@ -91,17 +91,25 @@ def postgresql_engine(url: URL, pool_size: int, timeout: float) -> Engine:
         f"-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}"
         f" -c idle_in_transaction_session_timeout={max(1000, 4 * timeout_ms)}"
     )
-    conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    # SQLAlchemy's own reading of the URL, so that what works for its engine works here: libpq's
+    # multi-host form (?host=a:5432&host=b:5432&target_session_attrs=read-write) becomes host="a,b"
+    # port="5432,5432", which libpq tries in turn; a host:port read as one host name failed to resolve.
+    _, params = url.set(drivername="postgresql+psycopg").get_dialect()().create_connect_args(url)
+    if params.get("options"):
+        options = f"{params.pop('options')} {options}"
 
     def connect() -> Any:
-        """psycopg's connect, waited for at most ``timeout`` (libpq's connect_timeout is >= 2 s): a
-        late connection is closed by the thread that made it."""
+        """psycopg's connect, waited for at most ``timeout`` in all, every host of a multi-host URL
+        included (libpq's connect_timeout, per host, is >= 2 s): a late connection is closed by the
+        thread that made it."""
         outcome: dict[str, Any] = {}
         gave_up = threading.Event()
 
         def attempt() -> None:
             try:
-                connection = psycopg.connect(conninfo, autocommit=True, connect_timeout=2, options=options)
+                connection = psycopg.connect(
+                    **{"connect_timeout": 2, **params}, autocommit=True, options=options
+                )
             except Exception as error:  # handed to the waiting caller
                 outcome["error"] = error
                 return

@@ -84,10 +84,14 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         self.url = parsed.render_as_string(hide_password=True)
+        hosts = parsed.query.get("host")  # libpq's multi-host form: ?host=a:5432&host=b:5432
+        servers = (
+            ",".join(hosts)
+            if isinstance(hosts, tuple)
+            else hosts or f"{parsed.host or ''}:{parsed.port or ''}"
+        )
         self._where = (
-            parsed.database or ""
-            if self.dialect == "sqlite"
-            else (f"{parsed.host or ''}:{parsed.port or ''}/{parsed.database or ''}")
+            parsed.database or "" if self.dialect == "sqlite" else f"{servers}/{parsed.database or ''}"
         )
         if len(key_prefix) > MAX_PREFIX:
             raise ConfigError(f"COUNTER_KEY_PREFIX must be at most {MAX_PREFIX} characters for the sql store")
