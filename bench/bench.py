@@ -132,6 +132,30 @@ def interleaved(helper: Callable[[], object], raw: Callable[[], object], seconds
     return 1 / helper_median, 1 / raw_median, raw_median / helper_median
 
 
+def library_row(row, seconds: float) -> None:
+    """``counters.incr`` as an app calls it (name and amount checked, the app's store found through
+    ``current_app``, the step counted and timed by tally.metrics) against the store's own ``add`` on
+    the same filesystem counter, in one process, call by call."""
+    import flask
+
+    import tally
+
+    app = flask.Flask("bench", instance_path=tempfile.mkdtemp(prefix="bench-lib-"))
+    counters = tally.Counters(app)
+    with app.app_context():
+        store = app.extensions["tally"]
+        library, own, ratio = interleaved(lambda: counters.incr("c"), lambda: store.add("c", 1), seconds)
+        row("filesystem store.add (median call)", own, "ops/s")
+        row(
+            "filesystem counters.incr, the library call (median call)",
+            library,
+            "ops/s",
+            "the store's own add, call by call",
+            f"{ratio:.2f}x",
+            ">= 0.80x",
+        )
+
+
 def manager_rows(row, seconds: float, server: Manager) -> None:
     """The manager store's step next to the filesystem store's, in one process and in four on one
     counter (the issue's comparison: both are the zero-install answers for one host)."""
@@ -643,6 +667,8 @@ def main() -> int:
                 rate(lambda: fs.update_value("v", append_one), seconds),
                 "ops/s",
             )
+        if "filesystem" in only and "helpers" in parts:
+            library_row(row, seconds)
         if "memory" in only and "helpers" in parts:
             memory = MemoryCounterStore()
             row(
