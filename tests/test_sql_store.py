@@ -372,3 +372,51 @@ def test_a_multi_host_url_reaches_the_host_that_answers(postgres_server, make_ap
     client = app.test_client()
     assert [client.post("/api/counters/multi/incr").get_json()["value"] for _ in range(3)] == [1, 2, 3]
     assert client.get("/healthz").status_code == 200
+
+
+def _set_read_only(server: Postgres, on: bool) -> None:
+    import psycopg
+
+    with psycopg.connect(server.conninfo, autocommit=True) as connection:
+        connection.execute(f"ALTER SYSTEM SET default_transaction_read_only = {'on' if on else 'off'}")
+        connection.execute("SELECT pg_reload_conf()")
+
+
+def test_after_a_switch_of_primary_no_answer_comes_from_the_old_one(own_postgres):
+    """Two servers behind one multi-host URL with target_session_attrs=read-write; the writable one
+    is turned read-only and the other writable (a failover, without the replication: each keeps its
+    own rows, so an answer shows which server gave it).  Pooled connections to the old one then
+    answer 503, never its (stale) value, and the next calls reach the new one by themselves."""
+    from tally.stores.sql import SqlCounterStore
+
+    other = Postgres().start()
+    try:
+        SqlCounterStore(other.url, timeout=2.0).set("c", 100)  # the other server's own row
+        _set_read_only(other, True)
+        url = (
+            f"postgresql+psycopg://postgres@/postgres?host=127.0.0.1:{own_postgres.port}"
+            f"&host=127.0.0.1:{other.port}&target_session_attrs=read-write"
+        )
+        store = SqlCounterStore(url, timeout=2.0, pool_size=4)
+        try:
+            assert [store.add("c", 1) for _ in range(5)] == [1, 2, 3, 4, 5]  # the first server
+            _set_read_only(own_postgres, True)
+            _set_read_only(other, False)
+            time.sleep(0.3)  # both reloads applied
+            reads, writes = [], []
+            for _ in range(10):
+                try:
+                    reads.append(store.get("c"))
+                except StoreUnavailable:
+                    reads.append("503")
+                try:
+                    writes.append(store.add("c", 1))
+                except StoreUnavailable:
+                    writes.append("503")
+            assert 5 not in reads, reads  # never the old server's value
+            assert reads[-1] >= 100 and writes[-1] > 100, (reads, writes)  # the new one, by itself
+            assert reads.count("503") + writes.count("503") <= 2, (reads, writes)
+        finally:
+            store.close()
+    finally:
+        other.remove()

@@ -208,9 +208,20 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
                 token = self._deadlines.watch(_fileno(raw.dbapi_connection), self.timeout)
             try:
                 yield raw.cursor()
+                if not write and self._deadlines is not None and _read_only(raw):
+                    # A read answered by a server that is read-only now (demoted, or a standby): it
+                    # may be stale.  (A write there fails by itself, with READ_ONLY_SQLSTATE.)
+                    raw.invalidate()
+                    self._engine.dispose()  # every pooled connection to it goes; libpq finds the new primary
+                    raise StoreUnavailable(
+                        f"{self.dialect} database {self.url}: the server is read-only now (a standby, or"
+                        " demoted); its answer was not used"
+                    )
             except self._driver_error as error:
                 if getattr(error, "sqlstate", None) == "22003":
                     raise Overflow(f"the result leaves the database's integer range: {error}") from None
+                if getattr(error, "sqlstate", None) == READ_ONLY_SQLSTATE:
+                    self._engine.dispose()  # the same server for every pooled connection: reconnect all
                 raw.invalidate()  # broken, shut down at its deadline, or in an unknown state
                 first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise StoreUnavailable(f"{self.dialect} database {self.url}: {first}") from error
@@ -446,6 +457,21 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
 
     def close(self) -> None:
         self._engine.dispose()
+
+
+#: PostgreSQL's read_only_sql_transaction: a write on a standby, or on a primary turned read-only.
+READ_ONLY_SQLSTATE = "25006"
+
+
+def _read_only(raw: Any) -> bool:
+    """Whether the server of this connection now refuses writes: PostgreSQL 14 and later report
+    ``in_hot_standby`` and ``default_transaction_read_only`` to the client as they change (the
+    report reaches the client with the next answer, so a read is checked after it ran)."""
+    info = raw.dbapi_connection.info
+    return "on" in (
+        info.parameter_status("in_hot_standby"),
+        info.parameter_status("default_transaction_read_only"),
+    )
 
 
 def _closed_by_server(raw: Any) -> bool:
