@@ -64,7 +64,19 @@ class StoreUnavailable(TallyError):
     )
 
 
-class ReplicationUnconfirmed(StoreUnavailable):
+class OutcomeUnknown(StoreUnavailable):
+    """A write was sent, but its answer never came back (the connection broke, or the deadline
+    passed while it ran): it may or may not have been applied.  Its result is never guessed, and it
+    is never sent again."""
+
+    code = "outcome_unknown"
+    public_message = (
+        "the step was sent to the store but its answer was lost: its outcome is unknown;"
+        " read the value before trying again"
+    )
+
+
+class ReplicationUnconfirmed(OutcomeUnknown):
     """The step reached the primary but fewer replicas than ``COUNTER_MIN_REPLICAS`` confirmed it in
     time: it may survive a failover or be lost with the primary, so its result is never returned."""
 

@@ -32,7 +32,8 @@ server (PostgreSQL) or of every process (SQLite; with ``fsync`` also a power los
 FULL``).  SQLite in WAL mode is one host only: WAL does not work over a network filesystem.
 
 The package's modules: ``schema`` (the tables and the statements), ``engines`` (the database URL and
-one engine per dialect), ``deadlines`` (the client-side socket deadlines) and ``store``
+one engine per dialect), ``deadlines`` (the client-side socket deadlines), ``connections`` (a
+connection's own state: closed while idle, its server read-only now) and ``store``
 (``SqlCounterStore``).  Every name callers use is importable from the package itself; importing it
 registers the store.
 """

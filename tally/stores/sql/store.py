@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import select
 import sqlite3
 import threading
 import time
@@ -19,9 +18,8 @@ from typing import Any
 
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.engine.interfaces import DBAPIConnection
 
-from ...errors import ConfigError, Overflow, StoreUnavailable
+from ...errors import ConfigError, OutcomeUnknown, Overflow, StoreUnavailable
 from ..base import (
     INT64_MAX,
     INT64_MIN,
@@ -31,6 +29,7 @@ from ..base import (
     WindowSupport,
     counter_name,
 )
+from .connections import READ_ONLY_SQLSTATE, closed_by_server, error_line, fileno, read_only
 from .deadlines import SocketDeadlines
 from .engines import DEFAULT_DATABASE_URI, database_uri, postgresql_engine, sqlite_engine
 from .schema import MAX_PREFIX, READS, metadata, statements
@@ -103,6 +102,7 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
         self._schema_lock = threading.Lock()
         self._statements = statements(self.dialect, key_prefix)
         self._deadlines = SocketDeadlines() if self.dialect == "postgresql" else None
+        self._sent = threading.local()  # this thread's statement in flight and whether in a transaction
         self._pool_size = pool_size
         self._compiled: dict[str, tuple[str, tuple[str, ...] | None, dict[str, Any]]] = {}
         if self.dialect == "sqlite":
@@ -153,7 +153,7 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
             with self._engine.connect() as connection:
                 token = None
                 if self._deadlines is not None:
-                    fd = _fileno(connection.connection.dbapi_connection)
+                    fd = fileno(connection.connection.dbapi_connection)
                     token = self._deadlines.watch(fd, self.timeout)
                 try:
                     yield connection
@@ -203,12 +203,13 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
                 raise StoreUnavailable(f"{self.dialect} database {self.url}: {error}") from error
             if self._deadlines is not None:
                 raw = self._live(raw)
+            self._sent.statement, self._sent.in_transaction = None, False  # set by _execute, _update_value
             token = None
             if self._deadlines is not None:
-                token = self._deadlines.watch(_fileno(raw.dbapi_connection), self.timeout)
+                token = self._deadlines.watch(fileno(raw.dbapi_connection), self.timeout)
             try:
                 yield raw.cursor()
-                if not write and self._deadlines is not None and _read_only(raw):
+                if not write and self._deadlines is not None and read_only(raw):
                     # A read answered by a server that is read-only now (demoted, or a standby): it
                     # may be stale.  (A write there fails by itself, with READ_ONLY_SQLSTATE.)
                     raw.invalidate()
@@ -223,6 +224,11 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
                 if getattr(error, "sqlstate", None) == READ_ONLY_SQLSTATE:
                     self._engine.dispose()  # the same server for every pooled connection: reconnect all
                 raw.invalidate()  # broken, shut down at its deadline, or in an unknown state
+                if write and self._deadlines is not None and self._outcome_unknown(error):
+                    raise OutcomeUnknown(
+                        f"{self.dialect} database {self.url}: the connection broke while a write ran"
+                        f" ({error_line(error)}): it may or may not have been applied"
+                    ) from error
                 first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise StoreUnavailable(f"{self.dialect} database {self.url}: {first}") from error
             finally:
@@ -233,13 +239,25 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
             if writer is not None:
                 writer.release()
 
+    def _outcome_unknown(self, error: Exception) -> bool:
+        """Whether a failed write may have been applied: the server gave no answer (no SQLSTATE: the
+        connection broke, or was shut at its deadline) to an autocommitted write, or to the COMMIT of
+        a transaction.  A statement inside a transaction that did not reach its COMMIT changed
+        nothing, and an answer with a SQLSTATE (a timeout, a refusal) is a known failure."""
+        if getattr(error, "sqlstate", None) is not None:
+            return False
+        statement = getattr(self._sent, "statement", None)
+        if getattr(self._sent, "in_transaction", False):
+            return statement == "COMMIT"
+        return statement is not None and statement not in READS
+
     def _live(self, raw: Any) -> Any:
         """``raw``, or, when PostgreSQL closed it while it sat idle in the pool (a restart, a
         failover, an idle timeout), a fresh connection in its place: one non-blocking peek at its
         socket, since an idle PostgreSQL connection has nothing to read unless the server ended it.
         Without it, every pooled connection would answer one 503 after the database came back."""
         for _ in range(self._pool_size + 1):
-            if not _closed_by_server(raw):
+            if not closed_by_server(raw):
                 return raw
             raw.invalidate()
             raw.close()
@@ -279,6 +297,7 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
         waiters from several processes would miss their turn and time out under a load the database
         can carry."""
         args: dict[str, Any] | tuple[Any, ...]
+        self._sent.statement = statement  # what a lost answer was the answer to (_outcome_unknown)
         if params is None:
             sql, args = statement, ()
         else:
@@ -425,6 +444,7 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
         began = time.monotonic()
         params = {"key": self.key_prefix + key, "now": int(time.time())}
         with self._cursor(write=True) as cursor:
+            self._sent.in_transaction = True
             self._execute(cursor, began, begin)
             try:
                 self._execute(cursor, began, "hold_value", params)
@@ -457,36 +477,6 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
 
     def close(self) -> None:
         self._engine.dispose()
-
-
-#: PostgreSQL's read_only_sql_transaction: a write on a standby, or on a primary turned read-only.
-READ_ONLY_SQLSTATE = "25006"
-
-
-def _read_only(raw: Any) -> bool:
-    """Whether the server of this connection now refuses writes: PostgreSQL 14 and later report
-    ``in_hot_standby`` and ``default_transaction_read_only`` to the client as they change (the
-    report reaches the client with the next answer, so a read is checked after it ran)."""
-    info = raw.dbapi_connection.info
-    return "on" in (
-        info.parameter_status("in_hot_standby"),
-        info.parameter_status("default_transaction_read_only"),
-    )
-
-
-def _closed_by_server(raw: Any) -> bool:
-    """Whether the server closed (or sent something on) this idle connection: a ``poll`` of its
-    socket that does not wait (any descriptor number; the socket's own flags, which libpq owns, are
-    left as they are)."""
-    poller = select.poll()
-    poller.register(_fileno(raw.dbapi_connection), select.POLLIN | select.POLLPRI)
-    return bool(poller.poll(0))
-
-
-def _fileno(dbapi_connection: DBAPIConnection | None) -> int:
-    """The socket of a checked-out connection, which always has its driver's connection."""
-    assert dbapi_connection is not None
-    return int(dbapi_connection.fileno())
 
 
 def _first_line(error: exc.DBAPIError) -> str:
