@@ -538,3 +538,45 @@ class Postgres(Server):
     @property
     def url(self) -> str:
         return f"postgresql+psycopg://postgres@{HOST}:{self.port}/postgres"
+
+
+class PostgresStandby(Postgres):
+    """A streaming standby of ``primary``, made by ``pg_basebackup -R`` on a free loopback port of
+    its own; ``promote`` makes it a primary (``pg_promote``).  Stopped and removed by pid, as every
+    Postgres here."""
+
+    def __init__(self, primary: Postgres) -> None:  # no initdb: the base backup is the data directory
+        Server.__init__(self, "postgres")
+        self.user = primary.user
+        self.data_dir = tempfile.mkdtemp(prefix="tally-postgres-standby-")
+        if self.user:
+            shutil.chown(self.data_dir, self.user)
+        subprocess.run(
+            [
+                postgres_binary("pg_basebackup"),
+                "-h",
+                HOST,
+                "-p",
+                str(primary.port),
+                "-U",
+                "postgres",
+                "-D",
+                self.data_dir,
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            user=self.user,
+            cwd="/",
+            timeout=60,
+        )
+
+    def promote(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.conninfo, autocommit=True, connect_timeout=2) as connection:
+            connection.execute("SELECT pg_promote(wait => true, wait_seconds => 30)")
