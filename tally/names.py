@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from .errors import InvalidName
@@ -30,6 +31,12 @@ def client_key(client_id: str, name: str) -> str:
     if not isinstance(client_id, str) or not CLIENT_ID_PATTERN.fullmatch(client_id):
         raise InvalidName("client ids are 32 lowercase hex digits")
     return f"{CLIENT_MARK}{client_id}.{validate_name(name)}"
+
+
+def hashed_key(mark: str, text: str) -> str:
+    """A store key for any text (limits' keys, Flask-Session's ids): ``mark`` (which starts with
+    ``@``, so no validated name collides) and 160 bits of the text's SHA-256."""
+    return mark + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
 
 def is_client_key(key: str) -> bool:

@@ -39,7 +39,6 @@ should run NTP.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import struct
 import threading
@@ -52,6 +51,7 @@ from limits.storage import MovingWindowSupport, SlidingWindowCounterSupport, Sto
 
 from . import metrics
 from .errors import StoreUnavailable, TallyError
+from .names import hashed_key
 from .stores.base import CounterStore, WindowSupport
 
 #: Shared values whose key starts with this are limits' (no validated key starts with ``@``).
@@ -65,7 +65,7 @@ _SLIDING = struct.Struct("<qqq")  # window number (now // expiry), previous wind
 
 def limit_key(key: str) -> str:
     """The store key of limits' ``key``: 160 bits of its SHA-256, so any text maps to a safe key."""
-    return LIMIT_MARK + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+    return hashed_key(LIMIT_MARK, key)
 
 
 def _lifetime(expiry: float) -> int:
@@ -113,12 +113,14 @@ class TallyStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport):
             raise RuntimeError("call counters.init_app(app) before using the tally:// storage") from None
         return store
 
-    def _update(self, operation: str, key: str, change: Callable[[bytes | None], bytes], ttl: int) -> bytes:
-        store = self._store()
+    @staticmethod
+    def _update(
+        store: CounterStore, operation: str, key: str, change: Callable[[bytes | None], bytes], ttl: int
+    ) -> bytes:
         return metrics.measure(store, operation, limit_key(key), store.update_value, change, ttl)
 
-    def _read(self, key: str) -> bytes | None:
-        store = self._store()
+    @staticmethod
+    def _read(store: CounterStore, key: str) -> bytes | None:
         return metrics.measure(store, "limit_get", limit_key(key), store.get_value)
 
     # -- fixed window ------------------------------------------------------------------------------
@@ -140,7 +142,7 @@ class TallyStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport):
                 hits, ends = 0, now + expiry
             return _FIXED.pack(hits + amount, ends)
 
-        hits, ends = _FIXED.unpack(self._update("limit_hit", key, change, _lifetime(expiry)))
+        hits, ends = _FIXED.unpack(self._update(store, "limit_hit", key, change, _lifetime(expiry)))
         self._remember(key, (int(hits), ends))
         return int(hits)
 
@@ -159,7 +161,7 @@ class TallyStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport):
         if isinstance(store, WindowSupport):
             window = metrics.measure(store, "limit_get", limit_key(key), store.read_window)
         else:
-            data = self._read(key)
+            data = self._read(store, key)
             window = _FIXED.unpack(data) if data and len(data) == _FIXED.size else None
             if window is not None and window[1] <= time.time():
                 window = None
@@ -214,12 +216,12 @@ class TallyStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport):
                 live = [now] * amount + live
             return struct.pack(f"<{len(live)}d", *live)
 
-        self._update("limit_hit", key, change, _lifetime(expiry))
+        self._update(self._store(), "limit_hit", key, change, _lifetime(expiry))
         return acquired
 
     def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         now = time.time()
-        live = [t for t in _times(self._read(key)) if t > now - expiry][:limit]
+        live = [t for t in _times(self._read(self._store(), key)) if t > now - expiry][:limit]
         return (live[-1], len(live)) if live else (now, 0)
 
     # -- sliding window counter --------------------------------------------------------------------
@@ -242,12 +244,12 @@ class TallyStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport):
                 current += amount
             return _SLIDING.pack(number, previous, current)
 
-        self._update("limit_hit", key, change, _lifetime(2 * expiry))
+        self._update(self._store(), "limit_hit", key, change, _lifetime(2 * expiry))
         return acquired
 
     def get_sliding_window(self, key: str, expiry: int) -> tuple[int, float, int, float]:
         now = time.time()
-        _, previous, current = _windows(self._read(key), now, expiry)
+        _, previous, current = _windows(self._read(self._store(), key), now, expiry)
         previous_ttl = _previous_ttl(now, expiry) if previous else 0.0
         current_ttl = (1 - (now / expiry) % 1) * expiry + expiry
         return previous, previous_ttl, current, current_ttl

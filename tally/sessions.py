@@ -14,11 +14,11 @@ session would be looked for on another server, not found, and the browser would 
 from __future__ import annotations
 
 import functools
-import hashlib
 import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from .names import hashed_key
 from .stores.base import CounterStore, SessionStorage
 
 if TYPE_CHECKING:  # redis is an extra: only the Redis stores' sessions import it, when first used
@@ -60,7 +60,7 @@ class ValueSessionClient:
 
     @staticmethod
     def _key(key: str) -> str:
-        return SESSION_MARK + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+        return hashed_key(SESSION_MARK, key)
 
     def get(self, key: str) -> bytes | None:
         return self._store.get_value(self._key(key))

@@ -151,6 +151,22 @@ def store_settings(request, tmp_path):
     return settings_for
 
 
+def once_it_answers(call, within: float, what: str = "the store did not answer"):
+    """``call()``'s result once the store answers it: a ``StoreUnavailable`` meanwhile is tried again
+    every 0.1 s, for at most ``within`` seconds."""
+    import time
+
+    from tally import StoreUnavailable
+
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return call()
+        except StoreUnavailable:
+            assert time.monotonic() < deadline, f"{what} within {within} s"
+            time.sleep(0.1)
+
+
 def settings_env(settings: dict) -> dict[str, str]:
     """The same settings as FLASK_* environment variables, for a gunicorn subprocess."""
     import json

@@ -101,10 +101,9 @@ class ExampleServer(Gunicorn):
         self.env = {**self.env, "EXAMPLE_BIND": self.address, "PYTHONPATH": ""}
         os.makedirs(self.instance_path, exist_ok=True)
         self.log_path = os.path.join(self.instance_path, "gunicorn.log")
-        environment = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "TALLY_"))}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                self.command(), cwd=self.directory, env={**environment, **self.env}, stdout=log, stderr=log
+                self.command(), cwd=self.directory, env=user_environment(self.env), stdout=log, stderr=log
             )
         from tests.servers import wait_for_port
 
@@ -157,16 +156,27 @@ def test_the_example_apps_limit_holds_across_its_workers(venv, example_dir, stor
     assert (statuses.count(200), statuses.count(429)) == (20, 100), (statuses, server.log_text()[-2000:])
 
 
-def run_in_venv(venv: Path, directory: Path, code: str, env: dict[str, str]) -> str:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "TALLY_"))}
-    done = subprocess.run(
-        [venv / "bin" / "python", "-c", code],
+def user_environment(env: dict[str, str]) -> dict[str, str]:
+    """This process's environment without the checkout's settings (FLASK_*, TALLY_*, PYTHONPATH), as
+    a user's shell would have it, with ``env`` on top."""
+    kept = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "TALLY_"))}
+    return {**kept, "PYTHONPATH": "", **env}
+
+
+def in_venv(venv: Path, directory: Path, program: str, *args: str, env: dict[str, str], timeout: float = 120):
+    """``program`` of the venv (python, flask) run with ``args`` in ``directory``, output captured."""
+    return subprocess.run(
+        [venv / "bin" / program, *args],
         cwd=directory,
-        env={**environment, "PYTHONPATH": "", **env},
+        env=user_environment(env),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
+
+
+def run_in_venv(venv: Path, directory: Path, code: str, env: dict[str, str]) -> str:
+    done = in_venv(venv, directory, "python", "-c", code, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -196,58 +206,29 @@ def test_the_example_app_answers_tallys_errors_itself(venv, example_dir, tmp_pat
 
 def test_the_cli_and_the_load_checker_come_with_the_wheel(venv, example_dir, tmp_path):
     env = {"EXAMPLE_STORE": "filesystem", "EXAMPLE_CACHE_DIR": str(tmp_path / "page-cache")}
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "TALLY_"))}
-    environment.update(env, PYTHONPATH="")
-    listed = subprocess.run(
-        [venv / "bin" / "flask", "--app", "app", "counters", "--help"],
-        cwd=example_dir,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    listed = in_venv(venv, example_dir, "flask", "--app", "app", "counters", "--help", env=env, timeout=60)
     assert listed.returncode == 0 and "loadcheck" in listed.stdout, listed.stdout + listed.stderr
-    closed = subprocess.run(
-        [
-            venv / "bin" / "python",
-            "-m",
-            "tally.loadcheck",
-            f"http://127.0.0.1:{free_port()}/hits",
-            "--clients",
-            "2",
-            "--requests",
-            "2",
-            "--timeout",
-            "2",
-        ],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    closed_port = f"http://127.0.0.1:{free_port()}/hits"
+    load = ("--clients", "2", "--requests", "2", "--timeout", "2")
+    closed = in_venv(
+        venv, tmp_path, "python", "-m", "tally.loadcheck", closed_port, *load, env=env, timeout=60
     )
     assert closed.returncode == 2 and "NOT TESTED" in closed.stdout, closed.stdout + closed.stderr
     server = ExampleServer(venv, example_dir, env)
     try:
         server.start()
-        checked = subprocess.run(
-            [
-                venv / "bin" / "flask",
-                "--app",
-                "app",
-                "counters",
-                "loadcheck",
-                f"{server.url}/hits",
-                "--clients",
-                "10",
-                "--requests",
-                "10",
-            ],
-            cwd=example_dir,
-            env=environment,
-            capture_output=True,
-            text=True,
-            timeout=120,
+        load = ("--clients", "10", "--requests", "10")
+        checked = in_venv(
+            venv,
+            example_dir,
+            "flask",
+            "--app",
+            "app",
+            "counters",
+            "loadcheck",
+            f"{server.url}/hits",
+            *load,
+            env=env,
         )
     finally:
         server.stop()

@@ -17,6 +17,7 @@ import pytest
 
 from tally import OutcomeUnknown, StoreUnavailable
 from tally.stores.sql import SqlCounterStore
+from tests.conftest import once_it_answers
 from tests.servers import Postgres, PostgresStandby, free_port
 
 pytestmark = pytest.mark.slow
@@ -96,14 +97,7 @@ def failover_under_load(synchronous: bool) -> dict:
         standby.promote()
         for thread in threads:
             thread.join(timeout=30)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                final = store.get("c")
-                break
-            except StoreUnavailable:
-                assert time.monotonic() < deadline, "the promoted standby did not answer"
-                time.sleep(0.1)
+        final = once_it_answers(lambda: store.get("c"), 15, "the promoted standby did not answer")
         return {"acknowledged": acknowledged, "before": before, "final": final, **outcomes}
     finally:
         if store is not None:

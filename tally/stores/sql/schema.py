@@ -71,28 +71,10 @@ def statements(dialect: str, prefix: str) -> dict[str, Any]:
     live = or_(c.expires_at.is_(None), c.expires_at > bindparam("now"))
     expired = and_(c.expires_at.is_not(None), c.expires_at <= bindparam("now"))
 
-    step = insert(counters_table).values(
-        name=bindparam("name"), value=bindparam("delta", type_=BigInteger), expires_at=bindparam("expires_at")
-    )
-    step = step.on_conflict_do_update(
-        index_elements=[c.name],
-        set_={"value": _value_after_step(step, c, expired), "expires_at": step.excluded.expires_at},
-        where=or_(expired, c.value.between(bindparam("lowest"), bindparam("highest"))),
-    ).returning(c.value)
-
+    step = _counter_step(insert, c, expired, keep_end=False).returning(c.value)
     # A fixed window (tally.ratelimits): as "step", but a live row keeps its end; an ended one starts
     # again from the step, in a new window.
-    window_step = insert(counters_table).values(
-        name=bindparam("name"), value=bindparam("delta", type_=BigInteger), expires_at=bindparam("expires_at")
-    )
-    window_step = window_step.on_conflict_do_update(
-        index_elements=[c.name],
-        set_={
-            "value": _value_after_step(window_step, c, expired),
-            "expires_at": case((expired, window_step.excluded.expires_at), else_=c.expires_at),
-        },
-        where=or_(expired, c.value.between(bindparam("lowest"), bindparam("highest"))),
-    ).returning(c.value, c.expires_at)
+    window_step = _counter_step(insert, c, expired, keep_end=True).returning(c.value, c.expires_at)
 
     replace = insert(counters_table).values(
         name=bindparam("name"), value=bindparam("value", type_=BigInteger), expires_at=bindparam("expires_at")
@@ -138,6 +120,24 @@ def statements(dialect: str, prefix: str) -> dict[str, Any]:
             v.expires_at.is_not(None), v.expires_at <= bindparam("now")
         ),
     }
+
+
+def _counter_step(insert: Any, c: Any, expired: Any, keep_end: bool) -> Any:
+    """The upsert of one counter step: add ``delta`` (an expired row starts again from it) unless the
+    sum would leave ``lowest`` .. ``highest``; ``expires_at`` is the step's, or with ``keep_end`` a
+    live row's own."""
+    step = insert(counters_table).values(
+        name=bindparam("name"), value=bindparam("delta", type_=BigInteger), expires_at=bindparam("expires_at")
+    )
+    new_end = step.excluded.expires_at
+    return step.on_conflict_do_update(
+        index_elements=[c.name],
+        set_={
+            "value": _value_after_step(step, c, expired),
+            "expires_at": case((expired, new_end), else_=c.expires_at) if keep_end else new_end,
+        },
+        where=or_(expired, c.value.between(bindparam("lowest"), bindparam("highest"))),
+    )
 
 
 def _value_after_step(step: Any, c: Any, expired: Any) -> Any:

@@ -341,39 +341,31 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
     def _expires_at(self, ttl: int | None) -> int | None:
         return int(time.time()) + ttl + 1 if ttl else None
 
-    def add(self, key: str, delta: int, ttl: int | None = None) -> int:
-        lowest = INT64_MIN - delta if delta < 0 else INT64_MIN
-        highest = INT64_MAX - delta if delta > 0 else INT64_MAX
+    def _step(self, statement: str, key: str, delta: int, expires_at: int | None) -> list[Any]:
+        """Run a counter step (``step`` or ``window_step``) and return its one row: the bounds are
+        computed here so that the sum is never formed when it would leave int64; no row back is an
+        ``Overflow``, the value unchanged.  A step with a lifetime may start a sweep."""
         rows = self._run(
-            "step",
+            statement,
             name=self.key_prefix + key,
             delta=delta,
-            expires_at=self._expires_at(ttl),
-            lowest=lowest,
-            highest=highest,
+            expires_at=expires_at,
+            lowest=INT64_MIN - delta if delta < 0 else INT64_MIN,
+            highest=INT64_MAX - delta if delta > 0 else INT64_MAX,
         )
-        if ttl:
+        if expires_at is not None:
             self._maybe_sweep()
         if not rows:
             raise Overflow(f"adding {delta} would leave the int64 range; the counter is unchanged")
-        return int(rows[0][0])
+        return list(rows[0])
+
+    def add(self, key: str, delta: int, ttl: int | None = None) -> int:
+        return int(self._step("step", key, delta, self._expires_at(ttl))[0])
 
     def add_in_window(self, key: str, delta: int, window: float) -> tuple[int, float]:
         """One upsert, as ``add``: a live row keeps its ``expires_at`` (whole seconds, rounded up)."""
-        lowest = INT64_MIN - delta if delta < 0 else INT64_MIN
-        highest = INT64_MAX - delta if delta > 0 else INT64_MAX
-        rows = self._run(
-            "window_step",
-            name=self.key_prefix + key,
-            delta=delta,
-            expires_at=math.ceil(time.time() + window),
-            lowest=lowest,
-            highest=highest,
-        )
-        self._maybe_sweep()
-        if not rows:
-            raise Overflow(f"adding {delta} would leave the int64 range; the counter is unchanged")
-        return int(rows[0][0]), float(rows[0][1])
+        value, ends = self._step("window_step", key, delta, math.ceil(time.time() + window))
+        return int(value), float(ends)
 
     def read_window(self, key: str) -> tuple[int, float] | None:
         rows = self._run("window_read", name=self.key_prefix + key)
