@@ -61,11 +61,13 @@ test: $(VENV)/.test servers
 	$(PY) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 
 # The long runs of the race tests: every keep-alive shared-set round 30 times, on fresh gunicorn;
-# the Redis failover under load 10 times per topology, each on a fresh topology; every shared store
-# under every server model (32 cells; make test runs 8 of them).
+# the Redis failover and partition under load 10 times per topology, each on a fresh topology; the
+# PostgreSQL failover and partition scenarios 10 times, each on a fresh primary and standby; every
+# shared store under every server model (32 cells; make test runs 8 of them).
 stress: $(VENV)/.test servers
 	TALLY_STRESS_ROUNDS=$${TALLY_STRESS_ROUNDS:-30} $(PY) -m pytest -p no:randomly -x tests/test_concurrency.py -k keep_alive_clients
-	TALLY_STRESS_ROUNDS=$${TALLY_FAILOVER_ROUNDS:-10} $(PY) -m pytest -p no:randomly -x tests/test_redis_topologies.py -k failover
+	TALLY_STRESS_ROUNDS=$${TALLY_FAILOVER_ROUNDS:-10} $(PY) -m pytest -p no:randomly -x tests/test_redis_topologies.py -k "failover or partition"
+	TALLY_STRESS_ROUNDS=$${TALLY_FAILOVER_ROUNDS:-10} $(PY) -m pytest -p no:randomly -x tests/test_postgres_failover.py
 	TALLY_FULL_MATRIX=1 $(PY) -m pytest -p no:randomly -x tests/test_server_models.py
 
 bench: $(VENV)/.test servers

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tally.loadcheck import run_load  # noqa: E402
-from tests.delay_proxy import DelayProxy  # noqa: E402
+from tests.links import Link  # noqa: E402
 from tests.servers import HOST, Gunicorn, Memcached  # noqa: E402
 
 CLIENTS = 100
@@ -95,7 +95,7 @@ def main() -> int:
     parser.add_argument("--delay", type=float, default=2.0, help="added ms per round trip (default 2)")
     args = parser.parse_args()
     memcached = Memcached("memcached").start()
-    proxy = DelayProxy(memcached.address, args.delay / 1000).start()
+    proxy = Link(memcached.address, args.delay / 1000).start()
     results: dict[tuple[str, str, str], list[dict]] = {}
     began = time.monotonic()
     try:

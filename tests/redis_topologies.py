@@ -1,7 +1,9 @@
 """Redis topologies for tests and benchmarks, on free loopback ports, every process stopped by its pid:
 
 - ``SentinelTopology``: one primary, two replicas, three sentinels (``redis-server --sentinel``), with
-  a one-second ``down-after-milliseconds`` so that a failover completes in seconds;
+  a one-second ``down-after-milliseconds`` so that a failover completes in seconds; with
+  ``partitionable`` the replicas, the sentinels and the clients that ask them reach the primary
+  through ``primary_link`` (a ``tests.links.Link``), which a test can cut;
 - ``ClusterTopology``: three primaries and three replicas, built by ``redis-cli --cluster create``.
 """
 
@@ -16,6 +18,7 @@ import subprocess
 import tempfile
 import time
 
+from tests.links import Link
 from tests.servers import HOST, ROOT, free_port, stop_process, wait_for_port, wait_until_stopped
 
 MASTER_NAME = "tally"
@@ -128,16 +131,22 @@ class RedisNode:
 class SentinelTopology:
     """A primary, two replicas and three sentinels watching them as ``MASTER_NAME`` (quorum 2)."""
 
-    def __init__(self, *, down_after_ms: int = 1000, failover_timeout_ms: int = 3000) -> None:
+    def __init__(
+        self, *, down_after_ms: int = 1000, failover_timeout_ms: int = 3000, partitionable: bool = False
+    ) -> None:
         self.directory = tempfile.mkdtemp(prefix="tally-sentinel-")
         node_args = ("--appendonly", "yes", "--appendfsync", "everysec")
         self.primary = RedisNode(self.directory, free_port(), *node_args)
+        self.primary_link = Link(self.primary.address) if partitionable else None
+        # The address everyone but the tests reaches the primary at (and the sentinels name).
+        self._aliases = {self.primary_link.address: self.primary.address} if self.primary_link else {}
+        reached_at = str(self.primary_link.port if self.primary_link else self.primary.port)
         self.replicas = [
-            RedisNode(self.directory, free_port(), *node_args, "--replicaof", HOST, str(self.primary.port))
+            RedisNode(self.directory, free_port(), *node_args, "--replicaof", HOST, reached_at)
             for _ in range(2)
         ]
         config = (
-            f"sentinel monitor {MASTER_NAME} {HOST} {self.primary.port} 2\n"
+            f"sentinel monitor {MASTER_NAME} {HOST} {reached_at} 2\n"
             f"sentinel down-after-milliseconds {MASTER_NAME} {down_after_ms}\n"
             f"sentinel failover-timeout {MASTER_NAME} {failover_timeout_ms}\n"
             f"sentinel parallel-syncs {MASTER_NAME} 2\n"
@@ -153,6 +162,8 @@ class SentinelTopology:
         return [[HOST, node.port] for node in self.sentinels]
 
     def start(self) -> SentinelTopology:
+        if self.primary_link is not None:
+            self.primary_link.start()
         for node in self.data_nodes:
             node.start()
         wait_until(
@@ -182,7 +193,8 @@ class SentinelTopology:
             if node.alive():
                 reply = command(node.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME).split()
                 if len(reply) == 2:
-                    seen.append(f"{reply[0].decode()}:{reply[1].decode()}")
+                    address = f"{reply[0].decode()}:{reply[1].decode()}"
+                    seen.append(self._aliases.get(address, address))
         return max(set(seen), key=seen.count) if seen else None
 
     def current_primary(self) -> RedisNode:
@@ -206,6 +218,8 @@ class SentinelTopology:
         return self.current_primary()
 
     def remove(self) -> None:
+        if self.primary_link is not None:
+            self.primary_link.stop()
         for node in [*self.sentinels, *self.data_nodes]:
             node.resume()
             node.stop()

@@ -545,7 +545,9 @@ class PostgresStandby(Postgres):
     its own; ``promote`` makes it a primary (``pg_promote``).  Stopped and removed by pid, as every
     Postgres here."""
 
-    def __init__(self, primary: Postgres) -> None:  # no initdb: the base backup is the data directory
+    def __init__(self, primary: Postgres, via: int | None = None) -> None:
+        """``via``: the port the standby reaches the primary at (a ``tests.links.Link``), else its own.
+        No initdb: the base backup is the data directory."""
         Server.__init__(self, "postgres")
         self.user = primary.user
         self.data_dir = tempfile.mkdtemp(prefix="tally-postgres-standby-")
@@ -557,7 +559,7 @@ class PostgresStandby(Postgres):
                 "-h",
                 HOST,
                 "-p",
-                str(primary.port),
+                str(via or primary.port),
                 "-U",
                 "postgres",
                 "-D",

@@ -18,7 +18,7 @@ import pytest
 
 from tally.loadcheck import run_load
 from tests.conftest import settings_env
-from tests.delay_proxy import DelayProxy
+from tests.links import Link
 from tests.servers import Gunicorn, Manager, Memcached, Postgres, Redis
 
 pytestmark = pytest.mark.slow
@@ -103,7 +103,7 @@ def test_network_store_clients_wait_cooperatively_under_gevent(gevent_server, ba
     Measured with gunicorn's own late patch (in the worker, after the app was imported in the
     master): memcached took 4.1 s (the hub blocked on each round trip) and PostgreSQL hung."""
     store = own_store(backend)
-    proxy = DelayProxy(store.address, DELAY).start()
+    proxy = Link(store.address, DELAY).start()
     try:
         settings = {**network_settings(backend, store, proxy.address, timeout=3.0), "COUNTER_POOL_SIZE": 32}
         server = gevent_server(settings)
@@ -117,7 +117,7 @@ def test_gunicorns_own_gevent_flag_is_patched_early_too(gevent_server):
     """``-k gevent`` instead of TALLY_WORKER_CLASS: gunicorn.conf.py sees the worker class in the
     master and patches before the app import all the same (memcached: 4.1 s without that)."""
     store = own_store("memcached")
-    proxy = DelayProxy(store.address, DELAY).start()
+    proxy = Link(store.address, DELAY).start()
     try:
         settings = {
             **network_settings("memcached", store, proxy.address, timeout=3.0),

@@ -21,7 +21,9 @@ from common import counters
 from tally import ConfigError, Counters, ReplicationUnconfirmed, StoreUnavailable
 from tally.loadcheck import run_load
 from tests.conftest import settings_env
-from tests.redis_topologies import MASTER_NAME, ClusterTopology, SentinelTopology, command
+from tests.fault_load import Load, repeats, serve_again, summary
+from tests.fault_load import lost as lost_after_promotion
+from tests.redis_topologies import MASTER_NAME, ClusterTopology, SentinelTopology, command, wait_until
 
 TIMEOUT = 0.5
 #: Failover rounds, each on a fresh topology: 1 in make test, more in make stress.
@@ -310,10 +312,6 @@ def failover_under_load(
     return outcome
 
 
-def repeats(values: list[int]) -> int:
-    return len(values) - len(set(values))
-
-
 def lost(outcome: dict) -> int:
     """Numbers answered with a 200 before the failover that the promoted replica never had: each is
     handed out again as the counter climbs back past it."""
@@ -404,3 +402,100 @@ def test_cluster_failover_under_load_hands_out_no_number_twice_with_min_replicas
         assert_failover_outcome(outcome)
     finally:
         topology.remove()
+
+
+# -- a partition --------------------------------------------------------------------------------------
+
+PARTITION_TIMEOUT = 1.0  # the clients reach the primary through a Python proxy: a little more room
+
+
+def sentinel_partition(serve, min_replicas: int) -> Load:
+    """Two apps on one counter, both with ``COUNTER_MIN_REPLICAS = min_replicas``: ``majority``
+    asks the sentinels, and reaches the primary through the link the replicas and the sentinels use
+    too; ``minority`` stands for the clients the partition leaves beside the old primary, cut off
+    from the sentinels: it keeps writing to the primary straight.  After 1 s of load the link is
+    cut; the sentinels promote a replica; 2.5 s more load follow.  Then the partition heals (the
+    old primary rejoins as a replica, its own writes discarded) and ``majority`` is asked again."""
+    topology = SentinelTopology(partitionable=True).start()
+    assert topology.primary_link is not None
+    try:
+        common = {"COUNTER_MIN_REPLICAS": min_replicas, "COUNTER_KEY_PREFIX": "split:"}
+        majority = serve(
+            settings_env(sentinel_settings(topology, **common, COUNTER_TIMEOUT=PARTITION_TIMEOUT)),
+            workers=2,
+            threads=8,
+        )
+        minority = serve(
+            settings_env(
+                {
+                    "CACHE_TYPE": "RedisCache",
+                    "CACHE_REDIS_URL": f"redis://{topology.primary.address}/0",
+                    "COUNTER_TIMEOUT": PARTITION_TIMEOUT,
+                    **common,
+                }
+            ),
+            workers=2,
+            threads=8,
+        )
+        load = Load(
+            {
+                "majority": f"{majority.url}/api/counters/split/incr",
+                "minority": f"{minority.url}/api/counters/split/incr",
+            },
+            clients=4,
+        )
+        old = topology.primary
+        with load:
+            time.sleep(1.0)
+            load.mark("isolated")
+            topology.primary_link.cut()
+            topology.wait_for_promotion(old)
+            load.mark("promoted")
+            time.sleep(2.5)
+        topology.primary_link.reset()
+        topology.primary_link.heal()
+        wait_until(lambda: old.info().get("role") == "slave", "the old primary rejoining as a replica")
+        serve_again(load, "majority")
+        return load
+    finally:
+        topology.remove()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("round_", range(STRESS_ROUNDS))
+def test_a_sentinel_partition_with_min_replicas_one_acknowledges_nothing_on_the_cut_off_side(
+    serve, round_, capsys
+):
+    """With COUNTER_MIN_REPLICAS = 1 the old primary, cut off from its replicas, cannot confirm a
+    write: the minority's steps are 503s, and nothing acknowledged is lost or handed out twice.
+    What a run measures goes in the guarantees table beside PostgreSQL's."""
+    load = sentinel_partition(serve, min_replicas=1)
+    values = load.values("majority") + load.values("minority")
+    lost_steps = lost_after_promotion(load, "majority")
+    with capsys.disabled():
+        print(
+            f"\nsentinel partition, min_replicas 1: {summary(load, 'majority')}; {summary(load, 'minority')};"
+            f" lost {lost_steps}"
+        )
+    assert repeats(values) == 0 and lost_steps == 0, (repeats(values), lost_steps)
+    assert not load.values("minority", sent_after=load.events["isolated"] + 0.1)
+    assert load.values("majority", sent_after=load.events["promoted"]), "no 200 after the promotion"
+    for label in ("majority", "minority"):
+        assert set(load.statuses(label)) <= {200, 503}, load.statuses(label)
+        assert load.slowest(label) < 2 * PARTITION_TIMEOUT + 1.0, load.slowest(label)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("round_", range(STRESS_ROUNDS))
+def test_a_sentinel_partition_without_min_replicas_loses_the_cut_off_sides_steps(serve, round_, capsys):
+    """The naive variant: with COUNTER_MIN_REPLICAS = 0 both sides acknowledge steps during the
+    partition; the old primary's are discarded when it rejoins, and their numbers come twice."""
+    load = sentinel_partition(serve, min_replicas=0)
+    values = load.values("majority") + load.values("minority")
+    lost_steps = lost_after_promotion(load, "majority")
+    with capsys.disabled():
+        print(
+            f"\nsentinel partition, min_replicas 0: {summary(load, 'majority')}; {summary(load, 'minority')};"
+            f" lost {lost_steps}, handed out twice {repeats(values)}"
+        )
+    assert lost_steps > 0 and repeats(values) > 0

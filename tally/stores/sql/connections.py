@@ -1,16 +1,46 @@
 """What a PostgreSQL connection's own state says, without a round trip: whether the server closed it
 while it sat idle in the pool, whether its server refuses writes now (a standby, a demoted primary),
-its socket, and an error's first line."""
+its socket, whether the server warned during a call, and an error's first line."""
 
 from __future__ import annotations
 
 import select
+import weakref
 from typing import Any
 
 from sqlalchemy.engine.interfaces import DBAPIConnection
 
 #: PostgreSQL's read_only_sql_transaction: a write on a standby, or on a primary turned read-only.
 READ_ONLY_SQLSTATE = "25006"
+
+
+#: The WARNINGs each PostgreSQL connection received since they were last taken (``take_warnings``).
+_WARNINGS: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
+
+
+def collect_warnings(dbapi_connection: Any) -> None:
+    """Keep the WARNINGs the server sends on this connection.  The one that matters: a commit that
+    waited for its synchronous standby and was cancelled (``pg_cancel_backend``, a cancel request)
+    ends with "canceling wait for synchronous replication ... has already committed locally, but
+    might not have been replicated", and then reports success."""
+    seen: list[str] = []
+    _WARNINGS[dbapi_connection] = seen
+
+    def on_notice(diagnostic: Any) -> None:
+        if diagnostic.severity_nonlocalized == "WARNING":
+            seen.append(f"{diagnostic.sqlstate}: {diagnostic.message_primary}")
+
+    dbapi_connection.add_notice_handler(on_notice)
+
+
+def take_warnings(raw: Any) -> list[str]:
+    """The WARNINGs received on this pooled connection since the last call, which are forgotten."""
+    seen = _WARNINGS.get(raw.dbapi_connection)
+    if not seen:
+        return []
+    taken = seen[:]
+    seen.clear()
+    return taken
 
 
 def read_only(raw: Any) -> bool:

@@ -8,8 +8,11 @@ them (SQLite's busy wait; PostgreSQL's server-side timeouts and a connect waited
 from __future__ import annotations
 
 import os
+import queue
 import sqlite3
 import threading
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import create_engine, event
@@ -17,6 +20,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError
 
 from ...errors import ConfigError, StoreUnavailable
+from .connections import collect_warnings
 
 #: The database of COUNTER_STORE = "sql" when SQLALCHEMY_DATABASE_URI is not set (in the instance folder).
 DEFAULT_DATABASE_URI = "sqlite:///tally.db"
@@ -80,6 +84,20 @@ def sqlite_engine(url: URL, pool_size: int, fsync: bool, timeout: float) -> Engi
     return engine
 
 
+def one_host_each(params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """libpq's multi-host parameters (host="a,b", port="p1,p2" or one port for all) as one set of
+    parameters per host; anything else (one host, hostaddr lists) as it is."""
+    hosts = str(params.get("host", "")).split(",")
+    if len(hosts) < 2 or "hostaddr" in params:
+        return [dict(params)]
+    ports = str(params.get("port", "")).split(",")
+    if len(ports) == 1:
+        ports = ports * len(hosts)
+    if len(ports) != len(hosts):
+        return [dict(params)]  # libpq reports the mismatch itself
+    return [{**params, "host": host, "port": port} for host, port in zip(hosts, ports, strict=True)]
+
+
 def postgresql_engine(url: URL, pool_size: int, timeout: float) -> Engine:
     """An engine for PostgreSQL through psycopg 3: the server is told ``statement_timeout`` and
     ``lock_timeout`` = ``timeout``, connecting is waited for at most ``timeout``, and every connection
@@ -93,40 +111,71 @@ def postgresql_engine(url: URL, pool_size: int, timeout: float) -> Engine:
     )
     # SQLAlchemy's own reading of the URL, so that what works for its engine works here: libpq's
     # multi-host form (?host=a:5432&host=b:5432&target_session_attrs=read-write) becomes host="a,b"
-    # port="5432,5432", which libpq tries in turn; a host:port read as one host name failed to resolve.
+    # port="5432,5432" (a host:port read as one host name failed to resolve), and connect() below
+    # tries those hosts at the same time.
     _, params = url.set(drivername="postgresql+psycopg").get_dialect()().create_connect_args(url)
     if params.get("options"):
         options = f"{params.pop('options')} {options}"
 
-    def connect() -> Any:
-        """psycopg's connect, waited for at most ``timeout`` in all, every host of a multi-host URL
-        included (libpq's connect_timeout, per host, is >= 2 s): a late connection is closed by the
-        thread that made it."""
-        outcome: dict[str, Any] = {}
-        gave_up = threading.Event()
+    attempts = one_host_each(params)
 
-        def attempt() -> None:
+    def connect() -> Any:
+        """A connection within ``timeout`` in all (libpq's connect_timeout is per host and >= 2 s).
+        Each host of a multi-host URL is tried at the same time, in a thread of its own, and the
+        first that accepts (and, with target_session_attrs=read-write, is writable) is used: tried in
+        turn, a host cut off by a partition would take the whole deadline while the new primary
+        waited behind it.  A connection that arrives after the caller was answered is closed by the
+        thread that made it."""
+        arrived: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        lock = threading.Lock()
+        answered = False
+
+        def attempt(host_params: dict[str, Any]) -> None:
+            nonlocal answered
             try:
                 connection = psycopg.connect(
-                    **{"connect_timeout": 2, **params}, autocommit=True, options=options
+                    **{"connect_timeout": 2, **host_params}, autocommit=True, options=options
                 )
             except Exception as error:  # handed to the waiting caller
-                outcome["error"] = error
+                arrived.put(("error", error))
                 return
-            outcome["connection"] = connection
-            if gave_up.is_set():
-                connection.close()
+            collect_warnings(connection)
+            with lock:
+                if not answered:
+                    answered = True
+                    arrived.put(("connection", connection))
+                    return
+            connection.close()
 
-        thread = threading.Thread(target=attempt, name="tally-sql-connect", daemon=True)
-        thread.start()
-        thread.join(timeout)
-        if "connection" in outcome:
-            return outcome["connection"]
-        gave_up.set()
-        if "connection" in outcome:  # arrived between the join and the flag
-            return outcome["connection"]
-        if "error" in outcome:
-            raise outcome["error"]
+        for host_params in attempts:
+            thread = threading.Thread(target=attempt, args=(host_params,), name="tally-sql-connect")
+            thread.daemon = True
+            thread.start()
+        deadline = time.monotonic() + timeout
+        errors: list[Exception] = []
+        while len(errors) < len(attempts):
+            try:
+                kind, found = arrived.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if kind == "connection":
+                return found
+            errors.append(found)
+        with lock:
+            late = answered  # a connection was handed over just now: it is in the queue
+            answered = True
+        while late:
+            kind, found = arrived.get()
+            if kind == "connection":
+                return found
+        if errors:
+            raise (
+                errors[-1]
+                if len(errors) == 1
+                else psycopg.OperationalError(
+                    "; ".join(str(error).strip().splitlines()[0] for error in errors if str(error).strip())
+                )
+            )
         raise psycopg.OperationalError(f"no connection to PostgreSQL within {timeout} s")
 
     return create_engine(

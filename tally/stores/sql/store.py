@@ -29,7 +29,14 @@ from ..base import (
     WindowSupport,
     counter_name,
 )
-from .connections import READ_ONLY_SQLSTATE, closed_by_server, error_line, fileno, read_only
+from .connections import (
+    READ_ONLY_SQLSTATE,
+    closed_by_server,
+    error_line,
+    fileno,
+    read_only,
+    take_warnings,
+)
 from .deadlines import SocketDeadlines
 from .engines import DEFAULT_DATABASE_URI, database_uri, postgresql_engine, sqlite_engine
 from .schema import MAX_PREFIX, READS, metadata, statements
@@ -206,9 +213,17 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
             self._sent.statement, self._sent.in_transaction = None, False  # set by _execute, _update_value
             token = None
             if self._deadlines is not None:
+                take_warnings(raw)  # what an earlier call left is not this call's
                 token = self._deadlines.watch(fileno(raw.dbapi_connection), self.timeout)
             try:
                 yield raw.cursor()
+                if write and self._deadlines is not None and (warnings := take_warnings(raw)):
+                    # A cancelled wait for the synchronous standby reports success after a WARNING:
+                    # committed on the primary, perhaps on no standby.  Never a number.
+                    raise OutcomeUnknown(
+                        f"{self.dialect} database {self.url}: the server warned during a write"
+                        f" ({warnings[0]}): it committed locally but may not have been replicated"
+                    )
                 if not write and self._deadlines is not None and read_only(raw):
                     # A read answered by a server that is read-only now (demoted, or a standby): it
                     # may be stale.  (A write there fails by itself, with READ_ONLY_SQLSTATE.)
