@@ -409,54 +409,53 @@ def test_cluster_failover_under_load_hands_out_no_number_twice_with_min_replicas
 PARTITION_TIMEOUT = 1.0  # the clients reach the primary through a Python proxy: a little more room
 
 
-def sentinel_partition(serve, min_replicas: int) -> Load:
-    """Two apps on one counter, both with ``COUNTER_MIN_REPLICAS = min_replicas``: ``majority``
-    asks the sentinels, and reaches the primary through the link the replicas and the sentinels use
-    too; ``minority`` stands for the clients the partition leaves beside the old primary, cut off
-    from the sentinels: it keeps writing to the primary straight.  After 1 s of load the link is
-    cut; the sentinels promote a replica; 2.5 s more load follow.  Then the partition heals (the
-    old primary rejoins as a replica, its own writes discarded) and ``majority`` is asked again."""
+def sentinel_partition(serve) -> dict[str, Load]:
+    """Per variant (``waiting``: COUNTER_MIN_REPLICAS = 1; ``plain``: 0, the naive variant), two
+    apps on one counter: ``majority`` asks the sentinels, and reaches the primary through the link
+    the replicas and the sentinels use too; ``minority`` stands for the clients the partition leaves
+    beside the old primary, cut off from the sentinels: it keeps writing to the primary straight.
+    After 1 s of load the link is cut; the sentinels promote a replica; 2.5 s more load follow.
+    Then the partition heals (the old primary rejoins as a replica, its own writes discarded) and
+    each ``majority`` is asked again.  Both variants share the topology, on keys of their own."""
     topology = SentinelTopology(partitionable=True).start()
     assert topology.primary_link is not None
+    loads: dict[str, Load] = {}
     try:
-        common = {"COUNTER_MIN_REPLICAS": min_replicas, "COUNTER_KEY_PREFIX": "split:"}
-        majority = serve(
-            settings_env(sentinel_settings(topology, **common, COUNTER_TIMEOUT=PARTITION_TIMEOUT)),
-            workers=2,
-            threads=8,
-        )
-        minority = serve(
-            settings_env(
+        for variant, replicas in (("waiting", 1), ("plain", 0)):
+            common = {
+                "COUNTER_MIN_REPLICAS": replicas,
+                "COUNTER_KEY_PREFIX": f"{variant}:",
+                "COUNTER_TIMEOUT": PARTITION_TIMEOUT,
+            }
+            minority_settings = {
+                "CACHE_TYPE": "RedisCache",
+                "CACHE_REDIS_URL": f"redis://{topology.primary.address}/0",
+            }
+            majority = serve(settings_env(sentinel_settings(topology, **common)), workers=1, threads=8)
+            minority = serve(settings_env({**minority_settings, **common}), workers=1, threads=8)
+            loads[variant] = Load(
                 {
-                    "CACHE_TYPE": "RedisCache",
-                    "CACHE_REDIS_URL": f"redis://{topology.primary.address}/0",
-                    "COUNTER_TIMEOUT": PARTITION_TIMEOUT,
-                    **common,
-                }
-            ),
-            workers=2,
-            threads=8,
-        )
-        load = Load(
-            {
-                "majority": f"{majority.url}/api/counters/split/incr",
-                "minority": f"{minority.url}/api/counters/split/incr",
-            },
-            clients=4,
-        )
+                    "majority": f"{majority.url}/api/counters/split/incr",
+                    "minority": f"{minority.url}/api/counters/split/incr",
+                },
+                clients=3,
+            )
         old = topology.primary
-        with load:
+        with loads["waiting"], loads["plain"]:
             time.sleep(1.0)
-            load.mark("isolated")
+            for load in loads.values():
+                load.mark("isolated")
             topology.primary_link.cut()
             topology.wait_for_promotion(old)
-            load.mark("promoted")
+            for load in loads.values():
+                load.mark("promoted")
             time.sleep(2.5)
         topology.primary_link.reset()
         topology.primary_link.heal()
         wait_until(lambda: old.info().get("role") == "slave", "the old primary rejoining as a replica")
-        serve_again(load, "majority")
-        return load
+        for load in loads.values():
+            serve_again(load, "majority")
+        return loads
     finally:
         topology.remove()
 
@@ -468,34 +467,24 @@ def test_a_sentinel_partition_with_min_replicas_one_acknowledges_nothing_on_the_
 ):
     """With COUNTER_MIN_REPLICAS = 1 the old primary, cut off from its replicas, cannot confirm a
     write: the minority's steps are 503s, and nothing acknowledged is lost or handed out twice.
-    What a run measures goes in the guarantees table beside PostgreSQL's."""
-    load = sentinel_partition(serve, min_replicas=1)
-    values = load.values("majority") + load.values("minority")
-    lost_steps = lost_after_promotion(load, "majority")
+    With 0 (the naive variant, beside it) both sides acknowledge steps during the partition; the
+    old primary's are discarded when it rejoins, and their numbers come twice.  What a run
+    measures goes in the guarantees table beside PostgreSQL's."""
+    loads = sentinel_partition(serve)
     with capsys.disabled():
-        print(
-            f"\nsentinel partition, min_replicas 1: {summary(load, 'majority')}; {summary(load, 'minority')};"
-            f" lost {lost_steps}"
-        )
-    assert repeats(values) == 0 and lost_steps == 0, (repeats(values), lost_steps)
-    assert not load.values("minority", sent_after=load.events["isolated"] + 0.1)
-    assert load.values("majority", sent_after=load.events["promoted"]), "no 200 after the promotion"
+        for variant, load in loads.items():
+            values = load.values("majority") + load.values("minority")
+            print(
+                f"\nsentinel partition, {variant}: {summary(load, 'majority')}; {summary(load, 'minority')};"
+                f" lost {lost_after_promotion(load, 'majority')}, handed out twice {repeats(values)}"
+            )
+    waiting, plain = loads["waiting"], loads["plain"]
+    values = waiting.values("majority") + waiting.values("minority")
+    assert repeats(values) == 0 and lost_after_promotion(waiting, "majority") == 0
+    assert not waiting.values("minority", sent_after=waiting.events["isolated"] + 0.1)
+    assert waiting.values("majority", sent_after=waiting.events["promoted"]), "no 200 after the promotion"
     for label in ("majority", "minority"):
-        assert set(load.statuses(label)) <= {200, 503}, load.statuses(label)
-        assert load.slowest(label) < 2 * PARTITION_TIMEOUT + 1.0, load.slowest(label)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("round_", range(STRESS_ROUNDS))
-def test_a_sentinel_partition_without_min_replicas_loses_the_cut_off_sides_steps(serve, round_, capsys):
-    """The naive variant: with COUNTER_MIN_REPLICAS = 0 both sides acknowledge steps during the
-    partition; the old primary's are discarded when it rejoins, and their numbers come twice."""
-    load = sentinel_partition(serve, min_replicas=0)
-    values = load.values("majority") + load.values("minority")
-    lost_steps = lost_after_promotion(load, "majority")
-    with capsys.disabled():
-        print(
-            f"\nsentinel partition, min_replicas 0: {summary(load, 'majority')}; {summary(load, 'minority')};"
-            f" lost {lost_steps}, handed out twice {repeats(values)}"
-        )
-    assert lost_steps > 0 and repeats(values) > 0
+        assert set(waiting.statuses(label)) <= {200, 503}, waiting.statuses(label)
+        assert waiting.slowest(label) < 2 * PARTITION_TIMEOUT + 1.0, waiting.slowest(label)
+    assert lost_after_promotion(plain, "majority") > 0
+    assert repeats(plain.values("majority") + plain.values("minority")) > 0
