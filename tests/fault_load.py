@@ -79,17 +79,33 @@ class Load:
             counted[status] = counted.get(status, 0) + 1
         return counted
 
+    def statuses_sent(self, label: str, after: float, before: float) -> dict[int, int]:
+        """The statuses of the requests sent between two times."""
+        counted: dict[int, int] = {}
+        for sent, status, _, _ in self.answers[label]:
+            if after <= sent < before:
+                counted[status] = counted.get(status, 0) + 1
+        return counted
+
+    def statuses_answered_before(self, label: str, moment: float) -> dict[int, int]:
+        counted: dict[int, int] = {}
+        for sent, status, _, took in self.answers[label]:
+            if sent + took < moment:
+                counted[status] = counted.get(status, 0) + 1
+        return counted
+
     def slowest(self, label: str) -> float:
         return max(took for *_, took in self.answers[label])
 
 
 def serve_again(load: Load, label: str, within: float = 30.0) -> None:
-    """Ask until the server answers a 200 (service comes back by itself), then 100 more; then read
-    the counter's value."""
+    """Ask until the server answers a 200 (service comes back by itself; marked "<label> serves
+    again"), then 100 more; then read the counter's value."""
     deadline = time.monotonic() + within
     while load.ask(label) != 200:
         assert time.monotonic() < deadline, f"{label}: no 200 within {within} s"
         time.sleep(0.2)
+    load.mark(f"{label} serves again")
     for _ in range(100):
         load.ask(label)
     load.final[label] = final_value(load.urls[label])

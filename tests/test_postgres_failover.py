@@ -56,7 +56,9 @@ def app_settings(url: str) -> dict[str, str]:
 
 def assert_nothing_lost(load: Load, labels: list[str], served_by: str, since: str) -> None:
     """No number twice over every app; the server serving now holds every acknowledged step; only
-    200s and 503s, each within the deadline; 200s again for requests sent after ``since``."""
+    200s and 503s, each within the deadline, and 503s only during the switch (none for a request
+    answered before the first fault, none once service came back); 200s for requests sent after
+    ``since``."""
     values = [value for label in labels for value in load.values(label)]
     assert repeats(values) == 0, f"{repeats(values)} numbers handed out twice"
     assert max(values) <= load.final[served_by], (max(values), load.final[served_by])
@@ -64,6 +66,11 @@ def assert_nothing_lost(load: Load, labels: list[str], served_by: str, since: st
         assert set(load.statuses(label)) <= {200, 503}, load.statuses(label)
         assert load.slowest(label) < TIMEOUT + SLACK, load.slowest(label)
     assert load.values(served_by, sent_after=load.events[since]), f"no 200 after {since}"
+    first_fault = min(load.events.values())
+    for label in labels:
+        assert set(load.statuses_answered_before(label, first_fault)) == {200}, label
+    back = load.events[f"{served_by} serves again"]
+    assert set(load.statuses_sent(served_by, back, float("inf"))) == {200}, "503s after service returned"
 
 
 def failover(serve, synchronous: bool) -> Load:
@@ -193,6 +200,7 @@ def test_a_cut_or_slow_link_between_the_app_and_the_primary_loses_nothing(serve,
         load = Load({"app": f"{server.url}/api/counters/cut/incr"})
         with load:
             time.sleep(1.0)
+            load.mark("slowed")
             pair.to_primary.delay = 0.03  # new connections through the link are slow
             pair.to_primary.reset()  # and so are the pool's, made again
             time.sleep(1.5)
