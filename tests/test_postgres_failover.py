@@ -114,6 +114,7 @@ def side_by_side(*scenarios):
         thread.join(timeout=180)
     if errors:
         raise errors[0]
+    assert not any(thread.is_alive() for thread in threads), "a scenario did not end within 180 s"
     return results
 
 

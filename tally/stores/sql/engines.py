@@ -84,6 +84,11 @@ def sqlite_engine(url: URL, pool_size: int, fsync: bool, timeout: float) -> Engi
     return engine
 
 
+#: ``at``: the monotonic time by which the store call this thread is making must end (set by the
+#: store around a pool checkout): a connection made for it is waited for no longer than that.
+CALL_DEADLINE = threading.local()
+
+
 def one_host_each(params: Mapping[str, Any]) -> list[dict[str, Any]]:
     """libpq's multi-host parameters (host="a,b", port="p1,p2" or one port for all) as one set of
     parameters per host; anything else (one host, hostaddr lists) as it is."""
@@ -151,7 +156,10 @@ def postgresql_engine(url: URL, pool_size: int, timeout: float) -> Engine:
             thread = threading.Thread(target=attempt, args=(host_params,), name="tally-sql-connect")
             thread.daemon = True
             thread.start()
+        call_ends_at = getattr(CALL_DEADLINE, "at", None)
         deadline = time.monotonic() + timeout
+        if call_ends_at is not None:
+            deadline = min(deadline, call_ends_at)
         errors: list[Exception] = []
         while len(errors) < len(attempts):
             try:

@@ -38,7 +38,7 @@ from .connections import (
     take_warnings,
 )
 from .deadlines import SocketDeadlines
-from .engines import DEFAULT_DATABASE_URI, database_uri, postgresql_engine, sqlite_engine
+from .engines import CALL_DEADLINE, DEFAULT_DATABASE_URI, database_uri, postgresql_engine, sqlite_engine
 from .schema import MAX_PREFIX, READS, metadata, statements
 
 SQLITE_BUSY, SQLITE_LOCKED = 5, 6
@@ -196,6 +196,11 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
         writer = self._writer if write and self.dialect == "sqlite" else None
         if writer is not None and not writer.acquire(timeout=self.timeout):
             raise StoreUnavailable(f"SQLite {self.url}: no turn to write within {self.timeout} s")
+        # One budget for the whole call: a checkout that had to connect leaves the statement only
+        # what remains of ``timeout`` (a connect and a statement given each the whole timeout made
+        # calls of twice COUNTER_TIMEOUT during a failover).
+        ends_at = time.monotonic() + self.timeout
+        CALL_DEADLINE.at = ends_at
         try:
             try:
                 raw = self._engine.raw_connection()
@@ -210,11 +215,18 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
                 raise StoreUnavailable(f"{self.dialect} database {self.url}: {error}") from error
             if self._deadlines is not None:
                 raw = self._live(raw)
+            CALL_DEADLINE.at = None
             self._sent.statement, self._sent.in_transaction = None, False  # set by _execute, _update_value
             token = None
             if self._deadlines is not None:
+                left = ends_at - time.monotonic()
+                if left <= 0:
+                    raw.close()  # unused: back to the pool
+                    raise StoreUnavailable(
+                        f"{self.dialect} database {self.url}: no connection within {self.timeout} s"
+                    )
                 take_warnings(raw)  # what an earlier call left is not this call's
-                token = self._deadlines.watch(fileno(raw.dbapi_connection), self.timeout)
+                token = self._deadlines.watch(fileno(raw.dbapi_connection), left)
             try:
                 yield raw.cursor()
                 if write and self._deadlines is not None and (warnings := take_warnings(raw)):
@@ -251,6 +263,7 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
                     SocketDeadlines.done(token)
                 raw.close()  # back to the pool (an invalidated one is closed)
         finally:
+            CALL_DEADLINE.at = None
             if writer is not None:
                 writer.release()
 
