@@ -175,10 +175,7 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
                 raise Overflow(f"the result leaves the database's integer range: {error.orig}") from None
             raise StoreUnavailable(f"{self.dialect} database {self.url}: {_first_line(error)}") from error
         except exc.TimeoutError as error:
-            raise StoreUnavailable(
-                f"all connections of this process to {self.url} stayed busy for {self.timeout} s;"
-                " raise COUNTER_POOL_SIZE to at least the gunicorn threads"
-            ) from error
+            raise self._pool_busy() from error
         except exc.SQLAlchemyError as error:  # a connection SQLAlchemy will not use again, and the like
             raise StoreUnavailable(f"{self.dialect} database {self.url}: {error}") from error
 
@@ -196,19 +193,14 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
         writer = self._writer if write and self.dialect == "sqlite" else None
         if writer is not None and not writer.acquire(timeout=self.timeout):
             raise StoreUnavailable(f"SQLite {self.url}: no turn to write within {self.timeout} s")
-        # One budget for the whole call: a checkout that had to connect leaves the statement only
-        # what remains of ``timeout`` (a connect and a statement given each the whole timeout made
-        # calls of twice COUNTER_TIMEOUT during a failover).
+        # One budget for the call: pool wait, connect and statement (each given all of it: 2x).
         ends_at = time.monotonic() + self.timeout
         CALL_DEADLINE.at = ends_at
         try:
             try:
                 raw = self._engine.raw_connection()
             except exc.TimeoutError as error:
-                raise StoreUnavailable(
-                    f"all connections of this process to {self.url} stayed busy for {self.timeout} s;"
-                    " raise COUNTER_POOL_SIZE to at least the gunicorn threads"
-                ) from error
+                raise self._pool_busy() from error
             except exc.DBAPIError as error:
                 raise StoreUnavailable(f"{self.dialect} database {self.url}: {_first_line(error)}") from error
             except self._driver_error as error:  # raw_connection() passes the driver's own errors on
@@ -222,9 +214,7 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
                 left = ends_at - time.monotonic()
                 if left <= 0:
                     raw.close()  # unused: back to the pool
-                    raise StoreUnavailable(
-                        f"{self.dialect} database {self.url}: no connection within {self.timeout} s"
-                    )
+                    raise StoreUnavailable(f"{self.dialect} database {self.url}: no connection in time")
                 take_warnings(raw)  # what an earlier call left is not this call's
                 token = self._deadlines.watch(fileno(raw.dbapi_connection), left)
             try:
@@ -266,6 +256,12 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
             CALL_DEADLINE.at = None
             if writer is not None:
                 writer.release()
+
+    def _pool_busy(self) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"all connections of this process to {self.url} stayed busy for {self.timeout} s;"
+            " raise COUNTER_POOL_SIZE to at least the gunicorn threads"
+        )
 
     def _outcome_unknown(self, error: Exception) -> bool:
         """Whether a failed write may have been applied: the server gave no answer (no SQLSTATE: the
