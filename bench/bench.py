@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import multiprocessing
 import os
 import platform
@@ -132,10 +133,9 @@ def interleaved(helper: Callable[[], object], raw: Callable[[], object], seconds
     return 1 / helper_median, 1 / raw_median, raw_median / helper_median
 
 
-def library_row(row, seconds: float) -> None:
-    """``counters.incr`` as an app calls it (name and amount checked, the app's store found through
-    ``current_app``, the step counted and timed by tally.metrics) against the store's own ``add`` on
-    the same filesystem counter, in one process, call by call."""
+def library_call(seconds: float) -> tuple[float, float, float]:
+    """(``counters.incr`` ops/s, the store's own ``add`` ops/s, their ratio) on one filesystem counter
+    of a new app in this process, call by call (``interleaved``)."""
     import flask
 
     import tally
@@ -144,16 +144,163 @@ def library_row(row, seconds: float) -> None:
     counters = tally.Counters(app)
     with app.app_context():
         store = app.extensions["tally"]
-        library, own, ratio = interleaved(lambda: counters.incr("c"), lambda: store.add("c", 1), seconds)
-        row("filesystem store.add (median call)", own, "ops/s")
-        row(
-            "filesystem counters.incr, the library call (median call)",
-            library,
-            "ops/s",
-            "the store's own add, call by call",
-            f"{ratio:.2f}x",
-            ">= 0.80x",
+        return interleaved(lambda: counters.incr("c"), lambda: store.add("c", 1), seconds)
+
+
+def library_row(row, seconds: float) -> None:
+    """``counters.incr`` as an app calls it (name and amount checked, the app's store found through
+    ``current_app``, the step counted and timed by tally.metrics) against the store's own ``add`` on
+    the same filesystem counter, in one process, call by call; then the same in a process whose
+    metrics go to multiprocess files, as in a gunicorn worker (PROMETHEUS_MULTIPROC_DIR set before
+    prometheus_client is imported, so in a child process)."""
+    library, own, ratio = library_call(seconds)
+    row("filesystem store.add (median call)", own, "ops/s")
+    row(
+        "filesystem counters.incr, the library call (median call)",
+        library,
+        "ops/s",
+        "the store's own add, call by call",
+        f"{ratio:.2f}x",
+        ">= 0.80x",
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-lib-metrics-") as directory:
+        code = (
+            f"import json, sys; sys.path.insert(0, {str(BENCH_DIR)!r}); import bench;"
+            f" print(json.dumps(bench.library_call({seconds})))"
         )
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": directory}
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=seconds * 4 + 120
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"the multiprocess library bench failed:\n{done.stderr}")
+    library, own, ratio = json.loads(done.stdout.splitlines()[-1])
+    row(
+        "filesystem counters.incr, multiprocess metrics files (median call)",
+        library,
+        "ops/s",
+        f"the store's own add, call by call ({own:,.0f} ops/s)",
+        f"{ratio:.2f}x",
+        ">= 0.80x",
+    )
+
+
+#: Run in a child process by ``request_phases``, in the tree to measure (``import app`` from its cwd):
+#: the demo app called in-process with the environ gunicorn gives a body-less request (its stream
+#: ``wsgi.input_terminated``, gunicorn's own ``Body``), metrics in multiprocess files as in a worker,
+#: each phase timed by the thread's CPU clock, the two routes alternated call by call; medians in JSON.
+PHASES_CHILD = """
+import collections, json, os, statistics, sys, tempfile, time
+import flask, flask.ctx, werkzeug.wrappers.response as wr
+from gunicorn.http.body import Body, LengthReader
+from werkzeug.test import EnvironBuilder
+sys.path.insert(0, os.getcwd())
+import app as demo, common
+from routes import api, body
+clock, calls = (time.thread_time if sys.argv[1] == "thread" else time.perf_counter), int(sys.argv[2])
+app, spent = demo.app, {}
+def timed(owner, name, label):
+    original = getattr(owner, name)
+    def run(*args, **kwargs):
+        began = clock()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent[label] = spent.get(label, 0.0) + clock() - began
+    setattr(owner, name, run)
+timed(flask.ctx.RequestContext, "match_request", "routing (Werkzeug's matcher)")
+timed(flask.Flask, "preprocess_request", "before_request hooks")
+timed(flask.Flask, "dispatch_request", "view, all of it")
+timed(flask.Flask, "finalize_request", "after_request hooks, session save")
+timed(wr.Response, "__call__", "response to WSGI")
+timed(body, "json_object", "view: reading the body")
+timed(type(common.counters), "incr", "view: counters.incr")
+timed(api, "counter_response", "view: building the response")
+timed(flask.json, "jsonify", "view: building the response")
+store = app.extensions["tally"]
+timed(type(store), "add", "view: counters.incr: the store step")
+steps = app.extensions.get("tally.steps")
+if steps is not None:  # measured with the timed add
+    from tally import metrics
+    app.extensions["tally.steps"] = (metrics.measured(store, "incr", store.add),) + steps[1:]
+elif "tally.add" in app.extensions:
+    app.extensions["tally.add"] = store.add
+for name, function in (("json_object", body.json_object), ("counter_response", api.counter_response)):
+    app.view_functions["api.incr"].__globals__[name] = function
+app.view_functions["health.livez"].__globals__["jsonify"] = flask.json.jsonify
+def environ(method, path):
+    built = EnvironBuilder(method=method, path=path, headers={"Host": "127.0.0.1", "User-Agent": "wrk"})
+    values = built.get_environ()
+    values.pop("CONTENT_LENGTH", None), values.pop("CONTENT_TYPE", None)
+    return {**values, "wsgi.input_terminated": True, "REMOTE_ADDR": "127.0.0.1"}
+routes = {"counter": environ("POST", "/api/counters/bench/incr"), "livez": environ("GET", "/livez")}
+found = collections.defaultdict(list)
+def call(route):
+    spent.clear()
+    began = clock()
+    for _ in app({**routes[route], "wsgi.input": Body(LengthReader(None, 0))}, lambda *a: None):
+        pass
+    spent["the whole request"] = clock() - began
+    for label, seconds in spent.items():
+        found[route, label].append(seconds)
+for number in range(300 + calls):
+    if number == 300:
+        found.clear()
+    for route in (("counter", "livez") if number % 2 else ("livez", "counter")):
+        call(route)
+labels = sorted({label for _, label in found})
+medians = {r: {l: statistics.median(found[r, l] or [0.0]) * 1e6 for l in labels} for r in routes}
+print(json.dumps(medians))
+"""
+
+
+def request_phases(root: Path, env: dict[str, str] | None = None, calls: int = 6000, clock: str = "thread"):
+    """Per-request CPU of the demo app in ``root`` (this tree, or a checkout of another commit), by
+    phase, the counter route against /livez: ``{"counter": {phase: us}, "livez": {...}}``.  In-process,
+    so without gunicorn's parsing and sending (the same for both routes) and without the cost of
+    concurrency (threads, locks, the GIL); each timed phase carries the clock's own cost (about 1 us
+    per call on a VM, where the thread CPU clock is a system call)."""
+    with tempfile.TemporaryDirectory(prefix="bench-phases-") as scratch:
+        metrics_dir = os.path.join(scratch, "metrics")
+        os.makedirs(metrics_dir)
+        child_env = {
+            **os.environ,
+            "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
+            "TALLY_INSTANCE_PATH": os.path.join(scratch, "instance"),
+            **(env or {}),
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", PHASES_CHILD, clock, str(calls)],
+            cwd=root,
+            env=child_env,
+            capture_output=True,
+            text=True,
+            timeout=calls / 10 + 300,
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"request_phases in {root} failed:\n{done.stderr}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def print_request_phases(roots: list[str], env: dict[str, str] | None = None, rounds: int = 3) -> None:
+    """A Markdown table of ``request_phases`` for each tree in ``roots`` (medians of ``rounds`` runs,
+    the trees alternated): ``python -c 'import sys; sys.path.insert(0, "bench"); import bench;
+    bench.print_request_phases(["/tmp/before", "."])'``."""
+    runs: dict[str, list] = {root: [] for root in roots}
+    for round_ in range(rounds):
+        for root in roots if round_ % 2 == 0 else roots[::-1]:
+            runs[root].append(request_phases(Path(root), env))
+    header = " | ".join(f"{root}: counter, /livez, difference" for root in roots)
+    print(f"| phase (us of CPU per request) | {header} |")
+    print("| --- |" + " ---: |" * len(roots))
+    phases = sorted({phase for found in runs.values() for run in found for phase in run["counter"]})
+    for phase in phases:
+        cells = []
+        for root in roots:
+            counter = statistics.median(run["counter"].get(phase, 0.0) for run in runs[root])
+            livez = statistics.median(run["livez"].get(phase, 0.0) for run in runs[root])
+            cells.append(f"{counter:.1f}, {livez:.1f}, {counter - livez:+.1f}")
+        print(f"| {phase} | " + " | ".join(cells) + " |")
 
 
 def manager_rows(row, seconds: float, server: Manager) -> None:

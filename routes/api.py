@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, current_app
+from flask import Blueprint
 from werkzeug.exceptions import BadRequest
 
 from common import counters
 
+from . import app_now
 from .auth import admin_required
 from .body import json_object
 from .limits import never_limited
@@ -23,7 +24,7 @@ def counter_response(name: str, value: int):
     """``{"name": ..., "value": ...}``, never cached (``Cache-Control: no-store``).  Built directly,
     not with ``jsonify``: it is the hot path of every counter route; the content type is given whole
     (no mimetype lookup) and the one extra header is set on the finished response."""
-    response = current_app.response_class(
+    response = app_now().response_class(
         _encode({"name": name, "value": value}) + "\n", content_type="application/json"
     )
     response.headers["Cache-Control"] = "no-store"

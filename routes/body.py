@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import current_app, request
+from flask import request
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, UnsupportedMediaType
+
+from . import app_now, request_now
 
 
 def read_body() -> bytes:
@@ -15,18 +17,21 @@ def read_body() -> bytes:
     Werkzeug refuses a declared Content-Length over the limit, but a chunked body (no length, the
     server dechunks it: ``wsgi.input_terminated``) it cuts at the limit without a word, and acting on
     a truncated body would be wrong.  So such a body is read here, one byte past the limit.
+
+    The common case of the counter routes, no body at all, is decided from the environ alone, without
+    building Werkzeug's headers: with no declared length, either the stream is not terminated (an empty
+    body, as Werkzeug reads it) or it is read directly, as gunicorn's (terminated on every request) is.
     """
-    environ = request.environ
-    if environ.get("CONTENT_LENGTH") in (None, "", "0") and "wsgi.input_terminated" not in environ:
-        # The common case of the counter routes, decided from the environ alone: no declared length
-        # and no dechunked stream is an empty body (as Werkzeug reads it), with no parsing of headers.
+    environ = request_now().environ
+    if environ.get("CONTENT_LENGTH") is not None:  # declared: parsed as Werkzeug does (bad: 0)
+        if request.content_length == 0:
+            return b""
+        if request.content_length is not None or "wsgi.input_terminated" not in environ:
+            return request.get_data(cache=True)  # the declared length, checked against the limit
+    elif "wsgi.input_terminated" not in environ:
         return b""
-    if request.content_length == 0:
-        return b""
-    if request.content_length is not None or "wsgi.input_terminated" not in request.environ:
-        return request.get_data(cache=True)
-    limit = current_app.config["MAX_CONTENT_LENGTH"]
-    data = request.environ["wsgi.input"].read(limit + 1)
+    limit = app_now().config["MAX_CONTENT_LENGTH"]
+    data = environ["wsgi.input"].read(limit + 1)
     if len(data) > limit:
         raise RequestEntityTooLarge(f"the body is over {limit} bytes")
     return data

@@ -18,6 +18,7 @@ from werkzeug.exceptions import NotImplemented as NotInstalled
 
 from tally import metrics as tally_metrics
 
+from . import request_now
 from .limits import never_limited
 
 bp = Blueprint("metrics", __name__)
@@ -76,5 +77,5 @@ def scrape():
 @bp.after_app_request
 def count_request(response: Response) -> Response:
     """Every answer of the app, errors included, by endpoint name (never the raw path) and status."""
-    tally_metrics.http_request(request.endpoint, response.status_code)
+    tally_metrics.http_request(request_now().endpoint, response.status_code)
     return response

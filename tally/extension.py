@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from flask import Flask, current_app
+from werkzeug.local import LocalProxy
 
 from . import metrics
 from .combining import Combiner
 from .config import store_settings
 from .errors import ConfigError, InvalidAmount, InvalidName, NotSetUp, StoreUnavailable, TallyError
 from .handlers import register_error_handler
-from .names import CLIENT_ID_PATTERN, client_key, validate_name
+from .names import CLIENT_ID_PATTERN, VALID_NAMES, client_key, validate_name
 from .stores import INT64_MAX, CounterStore, build_store
 
 EXTENSION_KEY = "tally"
@@ -22,8 +23,15 @@ SETTINGS_KEY = "tally.settings"
 #: What ``Counters.incr``/``decr`` call: the store's ``add``, or a ``Combiner``'s (COUNTER_COMBINE on a
 #: store that asks for it, see ``tally.combining``).
 ADD_KEY = "tally.add"
+#: ``(incr, decr, get)``: the steps ``Counters`` calls on every request (``ADD_KEY``'s add twice, the
+#: store's get), each counted and timed by ``metrics.measured`` with its labels resolved once.
+STEPS_KEY = "tally.steps"
 #: Where ``Counters.for_session`` keeps this browser's client id in its session.
 SESSION_CLIENT_ID = "tally_client_id"
+
+#: The app of the current app context (``RuntimeError`` outside one, as ``current_app`` raises): the
+#: object itself, without the proxy's attribute look-up on each use, which costs more than a name check.
+_current_app: Callable[[], Flask] = cast("LocalProxy[Flask]", current_app)._get_current_object
 
 
 #: Called with the app once its store is set up: what layers above this one add to every app
@@ -51,7 +59,12 @@ def set_up_store(app: Flask, cache: Any = None) -> CounterStore:
     app.extensions[SETTINGS_KEY] = settings
     app.extensions[EXTENSION_KEY] = store
     combine = settings["COUNTER_COMBINE"] and store.combines_adds
-    app.extensions[ADD_KEY] = Combiner(store.add).add if combine else store.add
+    add = app.extensions[ADD_KEY] = Combiner(store.add).add if combine else store.add
+    app.extensions[STEPS_KEY] = (
+        metrics.measured(store, "incr", add),
+        metrics.measured(store, "decr", add),
+        metrics.measured(store, "get", store.get),
+    )
     register_error_handler(app)
     for hook in SET_UP_HOOKS:
         hook(app)
@@ -75,12 +88,15 @@ def _app_store(app: Flask) -> CounterStore:
     return store
 
 
-def _app_add(app: Flask) -> Callable[[str, int], int]:
+_Steps = tuple[Callable[[str, int], int], Callable[[str, int], int], Callable[[str], int]]
+
+
+def _app_steps(app: Flask) -> _Steps:
     try:
-        add: Callable[[str, int], int] = app.extensions[ADD_KEY]
+        steps: _Steps = app.extensions[STEPS_KEY]
     except KeyError:
         raise _not_set_up(app) from None
-    return add
+    return steps
 
 
 class _Extension:
@@ -139,28 +155,38 @@ class Counters(_Extension):
 
     @property
     def store(self) -> CounterStore:
-        return _app_store(current_app)
+        return _app_store(_current_app())
 
     def incr(self, name: str, by: int = 1) -> int:
         """Add ``by`` (1 .. 2**63-1) to counter ``name`` and return the new value.  Concurrent calls
         on one counter may share one store step (COUNTER_COMBINE, ``tally.combining``); each is still
         counted and timed as its own step."""
-        app = current_app
-        key, amount = validate_name(name), _check_amount(by)
-        add = _app_add(app)
-        return metrics.measure(app.extensions[EXTENSION_KEY], "incr", key, add, amount)
+        # The checks' usual outcome, then the look-ups, inline (a function call costs as much as each):
+        # a name already found valid (``validate_name`` remembers plain str only), a plain int in range.
+        key = name if type(name) is str and name in VALID_NAMES else validate_name(name)
+        amount = by if type(by) is int and 0 < by <= INT64_MAX else _check_amount(by)
+        app = _current_app()
+        try:
+            incr: Callable[[str, int], int] = app.extensions[STEPS_KEY][0]
+        except KeyError:
+            raise _not_set_up(app) from None
+        return incr(key, amount)
 
     def decr(self, name: str, by: int = 1) -> int:
         """Subtract ``by`` from counter ``name`` and return the new value (may go below zero)."""
-        app = current_app
-        key, amount = validate_name(name), -_check_amount(by)
-        add = _app_add(app)
-        return metrics.measure(app.extensions[EXTENSION_KEY], "decr", key, add, amount)
+        key = name if type(name) is str and name in VALID_NAMES else validate_name(name)
+        amount = -by if type(by) is int and 0 < by <= INT64_MAX else -_check_amount(by)
+        app = _current_app()
+        try:
+            decr: Callable[[str, int], int] = app.extensions[STEPS_KEY][1]
+        except KeyError:
+            raise _not_set_up(app) from None
+        return decr(key, amount)
 
     def get(self, name: str) -> int:
         """The current value of ``name``; 0 for a counter never written."""
-        store = self.store
-        return metrics.measure(store, "get", validate_name(name), store.get)
+        get = _app_steps(_current_app())[2]
+        return get(validate_name(name))
 
     def set(self, name: str, value: int) -> int:
         """Replace the value of ``name`` (admin operation) and return it."""

@@ -15,14 +15,25 @@ CLIENT_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 CLIENT_MARK = "@"
 
 
+#: Names already found valid in this process (plain ``str`` only: a subclass may compare equal to a
+#: name it is not), so that a hot counter's name is a set look-up, not a pattern match, each time.
+VALID_NAMES: set[str] = set()
+#: At most this many names are remembered; past it, the others are matched each time.
+VALID_NAMES_KEPT = 4096
+
+
 def validate_name(name: object) -> str:
     """Return ``name`` if it is a valid counter name; raise ``InvalidName`` otherwise."""
+    if type(name) is str and name in VALID_NAMES:
+        return name
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
         raise InvalidName(
             f"counter names are 1-64 characters of A-Z a-z 0-9 _ . - starting with a letter or digit;"
             f" got {shown}"
         )
+    if type(name) is str and len(VALID_NAMES) < VALID_NAMES_KEPT:
+        VALID_NAMES.add(name)
     return name
 
 

@@ -13,11 +13,9 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from flask import current_app
-
 from . import metrics
 from .errors import CorruptValue, InvalidValue, ValueTooLarge
-from .extension import _app_store, _Extension
+from .extension import _app_store, _current_app, _Extension
 from .names import validate_name
 from .stores import CounterStore
 
@@ -30,7 +28,7 @@ def _encode(value: Any) -> bytes:
             f"shared values must be JSON (dict, list, str, int, float, bool, None): {error}"
         ) from None
     encoded = data.encode()
-    limit = current_app.config["VALUE_MAX_BYTES"]
+    limit = _current_app().config["VALUE_MAX_BYTES"]
     if len(encoded) > limit:
         raise ValueTooLarge(f"the value takes {len(encoded)} bytes as JSON; the limit is {limit}")
     return encoded
@@ -57,7 +55,7 @@ class SharedValues(_Extension):
 
     @property
     def store(self) -> CounterStore:
-        return _app_store(current_app)
+        return _app_store(_current_app())
 
     def get_value(self, key: str, default: Any = None) -> Any:
         """The current value of ``key``, or ``default`` when it is missing or expired."""

@@ -11,7 +11,7 @@ from flask import Flask
 from flask_caching import Cache
 from pymemcache.client.base import Client as RawMemcached
 
-from tally import ConfigError, Counters, SharedValues
+from tally import ConfigError, Counters, InvalidAmount, InvalidName, SharedValues
 from tally.config import DEFAULTS
 
 
@@ -105,6 +105,52 @@ def test_counters_follow_a_redis_cache_set_up_with_init_app_config(tmp_path, red
     with app.app_context():
         assert counters.incr("seen") == 1
     assert redis.Redis.from_url(url).get(app.config["COUNTER_KEY_PREFIX"] + "seen") is not None
+
+
+class LooksValid(str):
+    """A str that equals, and hashes like, a name already checked: never taken for it."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __hash__(self) -> int:
+        return hash("known")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "-x", "a/b", "../known", "x" * 65, "known\n", LooksValid("../../etc/passwd"), 5, None, b"known"],
+)
+def test_a_bad_name_is_refused_even_once_good_ones_are_remembered(tmp_path, name):
+    """incr, decr and get remember the names they checked (plain str only) and check amounts inline:
+    whatever was refused before still is, before any step, and the counter is unchanged."""
+    app = new_app(tmp_path)
+    counters = Counters(app)
+    with app.app_context():
+        assert counters.incr("known") == 1  # checked, then remembered
+        for call in (counters.incr, counters.decr, counters.get):
+            with pytest.raises(InvalidName):
+                call(name)
+        assert counters.get("known") == 1
+
+
+@pytest.mark.parametrize("by", [0, -1, 2**63, True, False, 1.0, "1", None])
+def test_a_bad_amount_is_refused_by_incr_and_decr(tmp_path, by):
+    app = new_app(tmp_path)
+    counters = Counters(app)
+    with app.app_context():
+        for call in (counters.incr, counters.decr):
+            with pytest.raises(InvalidAmount):
+                call("known", by)
+        assert counters.get("known") == 0
+        assert counters.incr("known", 2**63 - 1) == 2**63 - 1 and counters.decr("known", 2**63 - 1) == 0
+
+
+def test_counters_outside_an_app_context_raise_as_current_app_does(tmp_path):
+    counters = Counters(new_app(tmp_path))
+    for call in (lambda: counters.incr("x"), lambda: counters.decr("x"), lambda: counters.get("x")):
+        with pytest.raises(RuntimeError, match="application context"):
+            call()
 
 
 def test_shared_values_alone_set_up_the_store(tmp_path):

@@ -233,6 +233,99 @@ def test_overflows_are_counted_as_an_outcome(token_app):
     )
 
 
+#: Steps and HTTP requests recorded by tally.metrics itself, in a process of its own (prometheus_client
+#: picks its mode at import); a forked child records too, then exits without any clean-up.
+RECORDING = """
+import os, sys
+from tally import metrics
+from tally.errors import Overflow
+
+class Store:
+    backend = "filesystem"
+
+    def where(self):
+        return ""
+
+def overflow(key, by):
+    raise Overflow("no")
+
+store = Store()
+incr = metrics.measured(store, "incr", lambda key, by: by)
+for _ in range(3):
+    incr("c", 1)
+try:
+    metrics.measured(store, "incr", overflow)("c", 1)
+except Overflow:
+    pass
+metrics.http_request("api.incr", 200)
+if sys.argv[1] == "fork":
+    pid = os.fork()
+    if pid == 0:
+        for _ in range(5):
+            incr("c", 1)
+        metrics.measure(store, "get", "c", lambda key: 0)
+        metrics.http_request("api.incr", 200)
+        os._exit(0)  # no atexit, no flush: what a SIGKILL leaves
+    os.waitpid(pid, 0)
+print(metrics.exposition()[0].decode())
+"""
+
+
+def recorded(tmp_path, *, multiprocess: bool) -> tuple[list, Path | None]:
+    env = {**os.environ}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    directory = None
+    if multiprocess:
+        directory = tmp_path / "metrics"
+        directory.mkdir()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    mode = "fork" if multiprocess else "alone"
+    result = subprocess.run(
+        [sys.executable, "-c", RECORDING, mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return scrape(result.stdout), directory
+
+
+def test_every_step_is_in_the_files_when_it_returns_in_every_process(tmp_path):
+    """Multiprocess mode (gunicorn's): each process writes its steps through to files of its own pid at
+    once, so the scrape sums a parent and a child that died without any clean-up; the child counted
+    from 0 (not again the parent's steps), and every bucket of the histogram is there."""
+    samples, directory = recorded(tmp_path, multiprocess=True)
+    incr = {"backend": "filesystem", "operation": "incr"}
+    assert total(samples, "tally_store_operations_total", outcome="ok", **incr) == 3 + 5
+    assert total(samples, "tally_store_operations_total", outcome="overflow", **incr) == 1
+    assert total(samples, "tally_store_operation_seconds_count", **incr) == 3 + 1 + 5
+    assert total(samples, "tally_store_operation_seconds_bucket", le="+Inf", **incr) == 3 + 1 + 5
+    buckets = [
+        labels["le"]
+        for name, labels, _ in samples
+        if name.endswith("_bucket") and labels == {**labels, **incr}
+    ]
+    assert len(buckets) == len(tally_metrics.LATENCY_BUCKETS) + 1
+    assert total(samples, "tally_store_operations_total", operation="get", outcome="ok") == 1
+    assert total(samples, "tally_http_requests_total", endpoint="api.incr", status="200") == 2
+    assert directory is not None and len(list(directory.glob("counter_*.db"))) == 2  # one per process
+
+
+def test_in_one_process_the_registry_has_the_same_families(tmp_path):
+    """Without PROMETHEUS_MULTIPROC_DIR, prometheus_client's registry (what the app's /metrics, or any
+    exporter of the app, reads) has Tally's families as its own Counter and Histogram would give them."""
+    samples, _ = recorded(tmp_path, multiprocess=False)
+    incr = {"backend": "filesystem", "operation": "incr"}
+    assert total(samples, "tally_store_operations_total", outcome="ok", **incr) == 3
+    assert total(samples, "tally_store_operation_seconds_count", **incr) == 4
+    cumulative = [
+        value for name, labels, value in samples if name.endswith("_bucket") and labels == {**labels, **incr}
+    ]
+    assert len(cumulative) == len(tally_metrics.LATENCY_BUCKETS) + 1
+    assert cumulative == sorted(cumulative) and cumulative[-1] == 4
+    assert total(samples, "tally_store_operation_seconds_sum", **incr) > 0
+    created = [name for name, _, _ in samples if name.endswith("_created")]
+    assert "tally_store_operations_created" in created and "tally_http_requests_created" in created
+    assert total(samples, "tally_http_requests_total", endpoint="api.incr", status="200") == 1
+
+
 def test_the_library_works_without_prometheus_client(tmp_path):
     """Metrics are optional: with prometheus_client unimportable, counters count and /metrics says why
     it has nothing (501)."""

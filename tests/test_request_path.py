@@ -87,6 +87,28 @@ def test_a_dechunked_body_without_a_length_is_still_read(fs_app):
     assert response.get_json()["value"] == 5
 
 
+def test_an_empty_body_on_a_terminated_stream_steps_by_one(fs_app):
+    """gunicorn marks every request's stream terminated, with no Content-Length when there is no body:
+    that body is read (empty), not guessed, and a declared length of 0 is empty too."""
+    client = fs_app.test_client()
+    for environ in ({"wsgi.input": io.BytesIO(b""), "wsgi.input_terminated": True}, {"CONTENT_LENGTH": "0"}):
+        response = client.post("/api/counters/gunicorn/incr", environ_overrides=environ)
+        assert response.status_code == 200
+    assert client.get("/api/counters/gunicorn").get_json()["value"] == 2
+
+
+def test_a_header_the_view_set_is_kept_not_doubled():
+    from flask import Response
+
+    from routes.pages import SECURITY_HEADERS, security_headers
+
+    response = security_headers(Response("x", headers={"x-frame-options": "SAMEORIGIN"}))
+    assert response.headers.getlist("X-Frame-Options") == ["SAMEORIGIN"]
+    for name, value in SECURITY_HEADERS.items():
+        if name != "X-Frame-Options":
+            assert response.headers.getlist(name) == [value]
+
+
 def test_errors_on_the_counter_route_are_json_and_not_cached(fs_app):
     client = fs_app.test_client()
     cases = [
