@@ -3,6 +3,7 @@ files still held open, crashes, damaged files, and the expiry sweep."""
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import signal
@@ -14,7 +15,7 @@ import time
 import pytest
 
 from tally import CorruptCounter
-from tally.stores.filesystem import RECORD, FileCounterStore
+from tally.stores.filesystem import RECORD, FileCounterStore, records
 from tally.stores.filesystem import store as filesystem_store
 
 CLIENT_KEY = "@0123456789abcdef0123456789abcdef.clicks"
@@ -177,6 +178,83 @@ def test_a_bounded_number_of_descriptors_stays_open(tmp_path):
         if os.path.realpath(f"/proc/self/fd/{fd}").startswith(str(tmp_path))
     ]
     assert len(open_here) <= 4
+
+
+def _spread_over_names(store: FileCounterStore, names: int, threads: int, rounds: int) -> None:
+    """``threads`` threads each add 1 to every one of ``names`` counters, ``rounds`` times, each
+    starting at another name."""
+
+    def work(offset: int) -> None:
+        for _ in range(rounds):
+            for index in range(names):
+                store.add(f"k{(index + offset) % names}", 1)
+
+    workers = [threading.Thread(target=work, args=(offset * 7,)) for offset in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+
+
+def _spread_in_child(directory: str, names: int, rounds: int, queue) -> None:
+    _spread_over_names(FileCounterStore(directory, max_open_files=4), names, threads=4, rounds=rounds)
+    queue.put([])
+
+
+def test_increments_spread_over_more_counters_than_descriptors_stay_exact(tmp_path):
+    """64 counters and 4 descriptors kept: nearly every step evicts one, while the other threads of
+    the process and another process step on the same counters."""
+    run_forked(_spread_in_child, (str(tmp_path), 64, 20), processes=2)
+    store = FileCounterStore(str(tmp_path))
+    assert {store.get(f"k{index}") for index in range(64)} == {2 * 4 * 20}
+    assert len(counter_files(tmp_path)) == 64
+
+
+def test_a_descriptor_in_use_is_not_closed_to_make_room(tmp_path):
+    store = FileCounterStore(str(tmp_path), max_open_files=2)
+    store.add("busy", 1)
+    handle = store._handles["busy"]
+    with handle.lock:  # as a thread in the middle of a step on "busy" holds it
+        for index in range(10):
+            assert store.add(f"k{index}", 1) == 1  # each one past the bound: an idle one is closed
+        assert not handle.closed and store._handles.get("busy") is handle
+        os.fstat(handle.fd)  # still open
+        assert len(store._handles) == 2
+    assert store.add("busy", 1) == 2
+
+
+@pytest.mark.skipif(not records.NOATIME, reason="O_NOATIME is Linux's")
+def test_reading_a_counter_does_not_write_its_access_time(tmp_path):
+    """O_NOATIME: under relatime (the usual mount) the first read after a write would otherwise dirty
+    the file's inode, a journal write on each step of a counter not touched lately."""
+    FileCounterStore(str(tmp_path)).add("a", 1)
+    path = tmp_path / "a"
+    modified = os.stat(path).st_mtime_ns
+    os.utime(path, ns=(modified - 10**11, modified))  # read long before the last write
+    assert FileCounterStore(str(tmp_path)).get("a") == 1
+    assert FileCounterStore(str(tmp_path)).names(10) == ["a"]
+    assert os.stat(path).st_atime_ns == modified - 10**11
+
+
+@pytest.mark.skipif(not records.NOATIME, reason="O_NOATIME is Linux's")
+def test_a_counter_opens_where_the_kernel_refuses_o_noatime(tmp_path, monkeypatch):
+    """O_NOATIME is refused (EPERM) to a process that neither owns the file nor is privileged."""
+    real_open = os.open
+    refused: list[str] = []
+
+    def open_refusing_noatime(path, flags, *args, **kwargs):
+        if flags & records.NOATIME:
+            refused.append(os.fspath(path))
+            raise PermissionError(errno.EPERM, "Operation not permitted", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_refusing_noatime)
+    assert FileCounterStore(str(tmp_path)).add("a", 1) == 1
+    store = FileCounterStore(str(tmp_path))
+    assert store.add("a", 2) == 3
+    assert store.get("a") == 3
+    assert store.names(10) == ["a"]
+    assert refused and all(path.endswith("/a") for path in refused)
 
 
 def test_a_truncated_file_is_reported_never_read_as_zero(tmp_path):
