@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 import pylibmc  # noqa: E402
 import redis  # noqa: E402
 from pymemcache.client.base import Client as PymemcacheClient  # noqa: E402
+from scaling import block_rate, scaling_rows  # noqa: E402
 from sql_bench import sql_rows  # noqa: E402
 from topology_bench import http_environments, sentinel_rows, start_topologies  # noqa: E402
 
@@ -69,16 +70,7 @@ def rate(operation: Callable[[], object], seconds: float) -> float:
     """Operations per second of ``operation`` in a loop for ``seconds`` (at most MAX_OPS calls)."""
     for _ in range(200):  # warm up: open descriptors and connections
         operation()
-    done = 0
-    began = time.perf_counter()
-    deadline = began + seconds
-    while done < MAX_OPS:
-        for _ in range(100):
-            operation()
-        done += 100
-        if time.perf_counter() >= deadline:
-            break
-    return done / (time.perf_counter() - began)
+    return block_rate(operation, seconds, MAX_OPS)
 
 
 def _four_worker(make_store: Callable[[], object], seconds: float, start_at: float, queue) -> None:
@@ -133,36 +125,43 @@ def interleaved(helper: Callable[[], object], raw: Callable[[], object], seconds
     return 1 / helper_median, 1 / raw_median, raw_median / helper_median
 
 
-def library_call(seconds: float) -> tuple[float, float, float]:
-    """(``counters.incr`` ops/s, the store's own ``add`` ops/s, their ratio) on one filesystem counter
-    of a new app in this process, call by call (``interleaved``)."""
+def library_call(seconds: float, config: dict | None = None) -> tuple[float, float, float]:
+    """(``counters.incr`` ops/s, the store's own ``add`` ops/s, their ratio) on one counter of a new
+    app in this process, call by call (``interleaved``); ``config``: the app's store settings (none:
+    the filesystem default)."""
     import flask
 
     import tally
 
     app = flask.Flask("bench", instance_path=tempfile.mkdtemp(prefix="bench-lib-"))
+    app.config.update(config or {})
     counters = tally.Counters(app)
     with app.app_context():
         store = app.extensions["tally"]
-        return interleaved(lambda: counters.incr("c"), lambda: store.add("c", 1), seconds)
+        try:
+            return interleaved(lambda: counters.incr("c"), lambda: store.add("c", 1), seconds)
+        finally:
+            store.close()
 
 
-def library_row(row, seconds: float) -> None:
+def library_row(row, seconds: float, name: str = "filesystem", config: dict | None = None) -> None:
     """``counters.incr`` as an app calls it (name and amount checked, the app's store found through
-    ``current_app``, the step counted and timed by tally.metrics) against the store's own ``add`` on
-    the same filesystem counter, in one process, call by call; then the same in a process whose
-    metrics go to multiprocess files, as in a gunicorn worker (PROMETHEUS_MULTIPROC_DIR set before
-    prometheus_client is imported, so in a child process)."""
-    library, own, ratio = library_call(seconds)
-    row("filesystem store.add (median call)", own, "ops/s")
+    ``current_app``, the step counted and timed by tally.metrics, combining where the store has it)
+    against the store's own ``add`` on the same counter, in one process, call by call; on the
+    filesystem also in a process whose metrics go to multiprocess files, as in a gunicorn worker
+    (PROMETHEUS_MULTIPROC_DIR set before prometheus_client is imported, so in a child process)."""
+    library, own, ratio = library_call(seconds, config)
+    row(f"{name} store.add (median call)", own, "ops/s")
     row(
-        "filesystem counters.incr, the library call (median call)",
+        f"{name} counters.incr, the library call (median call)",
         library,
         "ops/s",
         "the store's own add, call by call",
         f"{ratio:.2f}x",
         ">= 0.80x",
     )
+    if name != "filesystem":
+        return
     with tempfile.TemporaryDirectory(prefix="bench-lib-metrics-") as directory:
         code = (
             f"import json, sys; sys.path.insert(0, {str(BENCH_DIR)!r}); import bench;"
@@ -183,6 +182,43 @@ def library_row(row, seconds: float) -> None:
         f"{ratio:.2f}x",
         ">= 0.80x",
     )
+
+
+def library_configs(
+    only, memcached, redis_server, postgres, sentinel, manager_server
+) -> list[tuple[str, dict]]:
+    """(store, app settings) for ``library_row`` on each store of the run but the filesystem."""
+    from tests.redis_topologies import MASTER_NAME
+
+    configs: list[tuple[str, dict]] = []
+    if "memory" in only:
+        configs.append(("memory", {"CACHE_TYPE": "SimpleCache"}))
+    if memcached is not None:
+        configs.append(
+            ("memcached", {"CACHE_TYPE": "MemcachedCache", "CACHE_MEMCACHED_SERVERS": [memcached.address]})
+        )
+    if redis_server is not None:
+        configs.append(("redis", {"CACHE_TYPE": "RedisCache", "CACHE_REDIS_URL": redis_server.url}))
+    if sentinel is not None:
+        sentinels = {
+            "CACHE_TYPE": "RedisSentinelCache",
+            "CACHE_REDIS_SENTINELS": [tuple(address) for address in sentinel.sentinel_addresses],
+            "CACHE_REDIS_SENTINEL_MASTER": MASTER_NAME,
+        }
+        configs.append(("redis-sentinel", sentinels))
+    if "sqlite" in only:
+        database = f"sqlite:///{tempfile.mkdtemp(prefix='bench-lib-sql-')}/tally.db"
+        configs.append(("sqlite", {"COUNTER_STORE": "sql", "SQLALCHEMY_DATABASE_URI": database}))
+    if postgres is not None:
+        configs.append(("postgresql", {"COUNTER_STORE": "sql", "SQLALCHEMY_DATABASE_URI": postgres.url}))
+    if manager_server is not None:
+        manager = {
+            "COUNTER_STORE": "manager",
+            "COUNTER_MANAGER_ADDRESS": manager_server.address,
+            "COUNTER_MANAGER_AUTHKEY": manager_server.authkey,
+        }
+        configs.append(("manager", manager))
+    return [(name, {**config, "COUNTER_KEY_PREFIX": f"lib{os.getpid()}:"}) for name, config in configs]
 
 
 #: Run in a child process by ``request_phases``, in the tree to measure (``import app`` from its cwd):
@@ -765,9 +801,11 @@ def main() -> int:
     )
     parser.add_argument(
         "--parts",
-        default="helpers,http4x8,http2x8,limits",
-        help="helpers (store steps), http4x8 (the 4x8 HTTP table), http2x8 (the -w 2 --threads 8 table),"
-        " limits (the rate-limited route: tally:// against no limit and against Flask-Limiter's storage)",
+        default="helpers,scaling,http4x8,http2x8,limits",
+        help="helpers (store steps), scaling (cost as the counters grow: bench/scaling.py; add"
+        " 'million' to --only for 1,000,000 counters), http4x8 (the 4x8 HTTP table), http2x8 (the -w 2"
+        " --threads 8 table), limits (the rate-limited route: tally:// against no limit and against"
+        " Flask-Limiter's storage)",
     )
     parser.add_argument(
         "--chart",
@@ -882,6 +920,13 @@ def main() -> int:
             sentinel_rows(row, interleaved, seconds, sentinel)
         if manager_server is not None and "helpers" in parts:
             manager_rows(row, seconds, manager_server)
+        if "scaling" in parts:
+            scaling_rows(row, seconds, only)
+        if "helpers" in parts:  # counters.incr against the store's own add, on every other store
+            for name, config in library_configs(
+                only, memcached, redis_server, postgres, sentinel, manager_server
+            ):
+                library_row(row, seconds, name, config)
         http_stores = []  # (name, Tally's environment, target, the raw-client app's environment)
         if "filesystem" in only:
             http_stores.append(("filesystem", {"FLASK_CACHE_TYPE": "FileSystemCache"}, ">= 0.85x", None))

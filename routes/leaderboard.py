@@ -36,10 +36,12 @@ import heapq
 import json
 import logging
 import os
+import queue
 import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify
@@ -47,7 +49,6 @@ from flask.blueprints import BlueprintSetupState
 
 from common import cache
 from settings import ConfigError
-from tally import CorruptCounter
 from tally.names import NAME_PATTERN
 from tally.stores import CounterStore
 
@@ -86,23 +87,45 @@ def _configure(state: BlueprintSetupState) -> None:
 class BoundedCalls:
     """Runs each call to a page-cache backend in a helper thread and waits for it at most ``within``
     seconds.  A call that raises or overruns returns ``FAILED`` (and is logged); an overrunning
-    thread is left to finish on its own, and until it has, further calls to that backend in this
+    call is left to finish on its own, and until it has, further calls to that backend in this
     process return ``FAILED`` at once: a hung backend holds one thread per process, not one per
-    request."""
+    request.
+
+    The helper threads are ``RUNNERS`` daemon threads per process, started on first use and kept
+    (starting a thread per call cost more than the cached read itself).  When every one of them is
+    busy, a call waits in their queue, and that wait counts in ``within``."""
 
     FAILED = object()
+    RUNNERS = 4
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._overdue: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._runners = 0
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        """Queue ``job`` for a runner (the caller holds ``_lock``)."""
+        if self._runners < self.RUNNERS:
+            self._runners += 1
+            threading.Thread(
+                target=self._run_jobs, args=(self._jobs,), name="tally-leaderboard-cache", daemon=True
+            ).start()
+        self._jobs.put(job)
+
+    @staticmethod
+    def _run_jobs(jobs: queue.SimpleQueue[Callable[[], None]]) -> None:
+        while True:
+            jobs.get()()
 
     def call(self, backend: Any, method: str, *args: Any, within: float) -> Any:
         """``backend.<method>(*args)``, or ``FAILED``."""
         with self._lock:
-            if self._pid != os.getpid():  # a forked child: the parent's stuck threads are not here
+            if self._pid != os.getpid():  # a forked child: the parent's threads are not here
                 self._pid = os.getpid()
                 self._overdue = weakref.WeakKeyDictionary()
+                self._jobs, self._runners = queue.SimpleQueue(), 0
             if self._overdue.get(backend):
                 return self.FAILED
         if _gevent_patched():
@@ -123,7 +146,8 @@ class BoundedCalls:
                         self._overdue[backend] -= 1
                 finished.set()
 
-        threading.Thread(target=run, name="tally-leaderboard-cache", daemon=True).start()
+        with self._lock:
+            self._submit(run)
         finished.wait(within)
         with self._lock:
             if not state["done"]:
@@ -198,15 +222,9 @@ def _rank(row: tuple[str, int]) -> tuple[int, str]:
 
 
 def top_counters(store: CounterStore, scan_limit: int) -> Rows:
-    """The ``TOP`` counters by value, ties by name, among ``store.names(scan_limit)``, each read with
-    ``store.get``.  ``StoreUnavailable`` propagates; a ``CorruptCounter`` is left out and logged."""
-    rows = []
-    for name in store.names(scan_limit):
-        try:
-            rows.append((name, store.get(name)))
-        except CorruptCounter as error:
-            log.warning("leaderboard: counter %r left out: %s", name, error)
-    return heapq.nsmallest(TOP, rows, key=_rank)
+    """The ``TOP`` counters by value, ties by name, among ``store.counts(scan_limit)`` (each counter
+    read once).  ``StoreUnavailable`` propagates; a ``CorruptCounter`` is left out and logged."""
+    return heapq.nsmallest(TOP, store.counts(scan_limit), key=_rank)
 
 
 def encode_entry(scope: str, computed_at: float, rows: Rows) -> str:

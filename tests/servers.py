@@ -91,12 +91,12 @@ def child_pids(parent: int) -> list[int]:
     return found
 
 
-def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
+def stop_process(process: subprocess.Popen, timeout: float = 10.0, signum: int = signal.SIGTERM) -> None:
     if process.poll() is not None:
         return
     try:
         os.kill(process.pid, signal.SIGCONT)
-        os.kill(process.pid, signal.SIGTERM)
+        os.kill(process.pid, signum)
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.kill(process.pid, signal.SIGKILL)
@@ -307,6 +307,8 @@ class Redis(Server):
 class Gunicorn(Server):
     """gunicorn serving ``app`` with the project's gunicorn.conf.py (or plain flags for other apps)."""
 
+    stop_signal = signal.SIGQUIT
+
     def __init__(
         self,
         env: dict[str, str],
@@ -369,7 +371,12 @@ class Gunicorn(Server):
         raise RuntimeError(f"gunicorn on {self.address} did not answer /livez")
 
     def stop(self) -> None:
-        super().stop()
+        """SIGQUIT, gunicorn's quick shutdown: the workers exit at once instead of waiting up to
+        graceful_timeout for idle keep-alive connections (10 s of a test's teardown, seen); the
+        master still runs on_exit (the manager's final snapshot, the metrics directory).  Tests of
+        the graceful stop send SIGTERM themselves."""
+        if self.process is not None:
+            stop_process(self.process, signum=self.stop_signal)
         if self._own_instance:
             shutil.rmtree(self.instance_path, ignore_errors=True)
 
@@ -380,6 +387,8 @@ class Gunicorn(Server):
 
 class FlaskDevServer(Gunicorn):
     """The same app under ``flask run --with-threads``: one process, a thread per request."""
+
+    stop_signal = signal.SIGTERM
 
     def command(self) -> list[str]:
         module = self.app.split(":")[0]

@@ -241,6 +241,9 @@ class CounterContract(ContractBase):
         bare.shared.set_value("shared", ["ada"])
         bare.shared.set_value("a", 1)  # a shared value named like a counter
         assert sorted(store.names(100)) == ["Zed9", "a", "b.c-d_e", "zero"]
+        # counts (the leaderboard's one pass): the same counters, each with its value
+        assert sorted(store.counts(100)) == [("Zed9", 1), ("a", 3), ("b.c-d_e", -2), ("zero", 0)]
+        assert len(store.counts(2)) == 2 and set(store.counts(2)) <= set(store.counts(100))
 
     def test_counters_survive_heavy_page_cache_traffic(self, make):
         """The page cache fills to four times its threshold (cachelib prunes past it) and is cleared;
@@ -295,6 +298,7 @@ class ClientCounterContract(ContractBase):
         bare.store.add(client_key(CLIENT, "raw"), 5, ttl=60)
         bare.counters.incr("shared")
         assert bare.store.names(100) == ["shared"]
+        assert bare.store.counts(100) == [("shared", 1)]
 
     def test_client_counters_with_a_lifetime_over_30_days_are_kept(self, bare):
         # memcached reads an expiry over 30 days as a unix timestamp: passed raw, 31 days means 1970.
@@ -507,7 +511,7 @@ class WindowContract(ContractBase):
         value, read = window_store.read_window("@rl.w")
         assert value == 5 and read == pytest.approx(ends, abs=0.05)
         assert window_store.read_window("@rl.missing") is None
-        assert window_store.names(100) == []  # never listed
+        assert window_store.names(100) == [] and window_store.counts(100) == []  # never listed
         assert window_store.delete("@rl.w") is True and window_store.read_window("@rl.w") is None
 
     def test_an_ended_window_starts_again(self, window_store):

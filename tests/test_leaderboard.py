@@ -16,6 +16,7 @@ from flask_caching.backends.rediscache import RedisCache
 
 from common import cache
 from routes import leaderboard as lb
+from routes.leaderboard import BoundedCalls
 from settings import ConfigError
 from tally import StoreUnavailable
 from tally.names import client_key
@@ -88,6 +89,7 @@ def test_names_are_exactly_the_shared_counters(store):
     store.set_value("shared", b'["ada"]')
     store.set_value("a", b"1")  # a shared value named like a counter
     assert sorted(store.names(100)) == ["Zed9", "a", "b.c-d_e", "zero"]
+    assert sorted(store.counts(100)) == [("Zed9", 1), ("a", 3), ("b.c-d_e", -2), ("zero", 0)]
 
 
 def test_names_stop_at_the_limit(store):
@@ -99,7 +101,11 @@ def test_names_stop_at_the_limit(store):
         assert len(found) == limit
         assert len(set(found)) == limit
         assert set(found) <= created
+        counted = store.counts(limit)
+        assert len(counted) == limit and {name for name, _ in counted} <= created
+        assert {value for _, value in counted} == {1}
     assert sorted(store.names(25)) == sorted(created)
+    assert sorted(store.counts(1000)) == sorted((name, 1) for name in created)
     assert sorted(store.names(1000)) == sorted(created)
 
 
@@ -118,6 +124,7 @@ def test_filesystem_names_leave_out_files_that_hold_no_live_counter(make_app, st
                 file.write(data)
         os.mkdir(os.path.join(store.directory, "a-directory"))
         assert store.names(100) == ["live"]
+        assert store.counts(100) == [("live", 2)]
     client = app.test_client()
     assert board(client)[1]["counters"] == rows(("live", 2))
     assert client.get("/api/counters/damaged").status_code == 500  # its own route reports it
@@ -389,3 +396,39 @@ def test_a_store_outage_answers_503_in_time_and_service_returns(make_app, tmp_pa
     while client.get("/api/leaderboard").status_code != 200:
         assert time.monotonic() < deadline, "the leaderboard did not come back with the store"
         time.sleep(0.1)
+
+
+class _Backend:
+    """A page-cache backend whose ``get`` waits for ``release`` (set: answers at once)."""
+
+    def __init__(self, hung: bool = False) -> None:
+        self.release = threading.Event()
+        if not hung:
+            self.release.set()
+
+    def get(self, key: str) -> str:
+        self.release.wait(10)  # bounded: a test that forgets to release still ends
+        return f"value of {key}"
+
+
+def test_bounded_calls_reuse_a_few_threads_and_stay_bounded_when_all_are_stuck():
+    calls = BoundedCalls()
+    before = set(threading.enumerate())
+    assert [calls.call(_Backend(), "get", "k", within=2.0) for _ in range(50)] == ["value of k"] * 50
+    started = [t for t in set(threading.enumerate()) - before if t.name == "tally-leaderboard-cache"]
+    assert 1 <= len(started) <= BoundedCalls.RUNNERS  # not one thread per call
+
+    hung = [_Backend(hung=True) for _ in range(BoundedCalls.RUNNERS)]
+    for backend in hung:  # every runner stuck on a hung backend
+        assert calls.call(backend, "get", "k", within=0.2) is BoundedCalls.FAILED
+    assert calls.call(hung[0], "get", "k", within=5.0) is BoundedCalls.FAILED  # at once: still overdue
+    began = time.monotonic()
+    assert calls.call(_Backend(), "get", "k", within=0.3) is BoundedCalls.FAILED  # queued: in time
+    assert 0.3 <= time.monotonic() - began < 1.3
+    for backend in hung:
+        backend.release.set()
+    deadline = time.monotonic() + 5
+    for backend in (_Backend(), *hung):  # each hung backend is used again once its call has ended
+        while calls.call(backend, "get", "again", within=0.5) is BoundedCalls.FAILED:
+            assert time.monotonic() < deadline, "the runners did not come back"
+            time.sleep(0.01)

@@ -13,6 +13,7 @@ is, and nothing probes a store with ``getattr``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import random
 import socket
@@ -22,8 +23,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol, TypeVar
 
-from ..errors import InvalidName, Overflow
+from ..errors import CorruptCounter, InvalidName, Overflow
 from ..names import validate_name
+
+log = logging.getLogger(__name__)
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -227,6 +230,20 @@ class CounterStore(ABC):
         ``StoreUnavailable`` when the store cannot be reached or does not answer in time, like every
         other call; a list is never guessed.
         """
+
+    def counts(self, limit: int) -> list[tuple[str, int]]:
+        """``(name, value)`` of the shared counters that exist now, at most ``limit`` of them, with
+        the promises of ``names``; each value is read at or after the call began.  A counter that
+        cannot be read (``CorruptCounter``) is left out and logged (its own reads report it).
+        Stores that list names and values in one pass (a directory, a table) override this; here,
+        ``names`` then a ``get`` each."""
+        rows = []
+        for name in self.names(limit):
+            try:
+                rows.append((name, self.get(name)))
+            except CorruptCounter as error:
+                log.warning("counter %r left out of a listing: %s", name, error)
+        return rows
 
     @abstractmethod
     def health(self) -> dict[str, Any]:

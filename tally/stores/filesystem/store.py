@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from ...errors import ConfigError, CorruptCounter, StoreUnavailable
-from ..base import CounterStore, WindowSupport, counter_name
+from ..base import CounterStore, WindowSupport, counter_name, log
 from .records import GONE, RECORD, TEMP_PREFIX, open_counter_file, pack_record, unpack_record
 from .sweep import sweep_directory
 from .values import ValueFiles
@@ -402,38 +402,44 @@ class FileCounterStore(CounterStore, WindowSupport):
         return data
 
     def names(self, limit: int) -> list[str]:
-        """The counter files of ``directory`` that hold a live record, at most ``limit`` (then the
-        list may be partial).  Files that are not counters are never listed: per-client counters
-        (``@...``), temporary files, the sweep lock and the shared values' directory (all start with a
-        character no counter name starts with).  Each candidate is read through the store's own read
-        path: a tombstoned file (being reset) is left out, and so is a damaged one (its own counter
-        route reports it as 500).  Disk errors raise ``StoreUnavailable``."""
-        found: list[str] = []
+        """The counter files that hold a live record, at most ``limit``.  Never listed: per-client
+        counters (``@...``), temporary files, the sweep lock, the values' directory (no counter name
+        starts as they do), a tombstoned file (being reset), a damaged one (logged; its own route
+        answers 500).  Disk errors raise ``StoreUnavailable``."""
+        return [name for name, _ in self.counts(limit)]
+
+    def counts(self, limit: int) -> list[tuple[str, int]]:
+        """``names`` with each counter's value from the same read of its file (one open per counter)."""
+        found: list[tuple[str, int]] = []
         try:
             with os.scandir(self.directory) as entries:
                 for entry in entries:
                     if len(found) >= limit:
                         break
-                    if counter_name(entry.name) and entry.is_file() and self._holds_live(entry.name):
-                        found.append(entry.name)
+                    if counter_name(entry.name) and entry.is_file():
+                        record = self._live_record(entry.name)
+                        if record is not None:
+                            found.append((entry.name, record[0]))
         except OSError as error:
             raise StoreUnavailable(f"counter directory {self.directory}: {error}") from error
         return found
 
-    def _holds_live(self, key: str) -> bool:
-        """Whether counter file ``key`` exists and holds a live, unexpired, undamaged record.  Opened
-        read-only and closed again: listing many counters does not churn the descriptor cache."""
+    def _live_record(self, key: str) -> tuple[int, int] | None:
+        """The record of counter file ``key`` when it exists and is live, unexpired and undamaged;
+        else ``None``.  Opened read-only and closed again: listing many counters does not churn the
+        descriptor cache."""
         try:
             fd = open_counter_file(self._path(key), os.O_RDONLY)
         except FileNotFoundError:
-            return False  # reset since the directory was listed
+            return None  # reset since the directory was listed
         try:
             record = self._read_settled(fd, key)
-        except CorruptCounter:
-            return False
+        except CorruptCounter as error:
+            log.warning("counter %r left out of a listing: %s", key, error)
+            return None
         finally:
             os.close(fd)
-        return record is not None and not self._is_expired(record)
+        return None if record is None or self._is_expired(record) else record
 
     def health(self) -> dict[str, Any]:
         if not os.path.isdir(self.directory) or not os.access(self.directory, os.W_OK):

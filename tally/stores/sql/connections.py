@@ -70,4 +70,6 @@ def fileno(dbapi_connection: DBAPIConnection | None) -> int:
 
 
 def error_line(error: Exception) -> str:
+    """The first line of a driver's error (of SQLAlchemy's wrapper: of the driver's error inside)."""
+    error = getattr(error, "orig", None) or error
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

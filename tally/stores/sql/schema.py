@@ -47,7 +47,7 @@ values_table = Table(
 )
 
 #: The statements that only read (every other one takes SQLite's write lock).
-READS = frozenset({"read", "names", "get_value", "window_read"})
+READS = frozenset({"read", "counts", "get_value", "window_read"})
 #: The longest key prefix: a name column holds 255 characters, and a key is at most 100.
 MAX_PREFIX = 155
 
@@ -105,7 +105,7 @@ def statements(dialect: str, prefix: str) -> dict[str, Any]:
         .returning(c.value),
         "replace": replace,
         "delete": delete(counters_table).where(c.name == bindparam("name")).returning(c.expires_at),
-        "names": select(c.name)
+        "counts": select(c.name, c.value)
         .where(c.name.startswith(prefix, autoescape=True), live)
         .limit(bindparam("limit")),
         "sweep": delete(counters_table).where(c.expires_at.is_not(None), c.expires_at <= bindparam("now")),

@@ -140,13 +140,15 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
         finally:
             self._writer.release()
 
-    @contextmanager
-    def _connection(self, write: bool = False) -> Iterator[Connection]:
-        if self._pid != os.getpid():
-            # Forked: a connection made by the parent would be shared with it.
+    def _after_fork(self) -> None:
+        if self._pid != os.getpid():  # forked: the parent's connections stay the parent's
             self._engine.dispose(close=False)
             self._writer = threading.Lock()
             self._pid = os.getpid()
+
+    @contextmanager
+    def _connection(self, write: bool = False) -> Iterator[Connection]:
+        self._after_fork()
         if write and self.dialect == "sqlite":
             with self._sqlite_writer(), self._connection_with_deadline() as connection:
                 yield connection
@@ -173,11 +175,11 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
         except exc.DBAPIError as error:
             if getattr(error.orig, "sqlstate", None) == "22003":
                 raise Overflow(f"the result leaves the database's integer range: {error.orig}") from None
-            raise StoreUnavailable(f"{self.dialect} database {self.url}: {_first_line(error)}") from error
+            raise self._unavailable(error) from error
         except exc.TimeoutError as error:
             raise self._pool_busy() from error
         except exc.SQLAlchemyError as error:  # a connection SQLAlchemy will not use again, and the like
-            raise StoreUnavailable(f"{self.dialect} database {self.url}: {error}") from error
+            raise self._unavailable(error) from error
 
     @contextmanager
     def _cursor(self, write: bool) -> Iterator[Any]:
@@ -186,10 +188,7 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
         step's time).  On SQLite a writer takes its process's turn first; on PostgreSQL the call gets
         its socket deadline.  Driver errors become ``Overflow`` (SQLSTATE 22003) or
         ``StoreUnavailable``, and the connection is discarded."""
-        if self._pid != os.getpid():
-            self._engine.dispose(close=False)  # forked: the parent's connections stay the parent's
-            self._writer = threading.Lock()
-            self._pid = os.getpid()
+        self._after_fork()
         writer = self._writer if write and self.dialect == "sqlite" else None
         if writer is not None and not writer.acquire(timeout=self.timeout):
             raise StoreUnavailable(f"SQLite {self.url}: no turn to write within {self.timeout} s")
@@ -202,9 +201,9 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
             except exc.TimeoutError as error:
                 raise self._pool_busy() from error
             except exc.DBAPIError as error:
-                raise StoreUnavailable(f"{self.dialect} database {self.url}: {_first_line(error)}") from error
+                raise self._unavailable(error) from error
             except self._driver_error as error:  # raw_connection() passes the driver's own errors on
-                raise StoreUnavailable(f"{self.dialect} database {self.url}: {error}") from error
+                raise self._unavailable(error) from error
             if self._deadlines is not None:
                 raw = self._live(raw)
             CALL_DEADLINE.at = None
@@ -246,8 +245,7 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
                         f"{self.dialect} database {self.url}: the connection broke while a write ran"
                         f" ({error_line(error)}): it may or may not have been applied"
                     ) from error
-                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise StoreUnavailable(f"{self.dialect} database {self.url}: {first}") from error
+                raise self._unavailable(error) from error
             finally:
                 if token is not None:
                     SocketDeadlines.done(token)
@@ -256,6 +254,9 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
             CALL_DEADLINE.at = None
             if writer is not None:
                 writer.release()
+
+    def _unavailable(self, error: Exception) -> StoreUnavailable:
+        return StoreUnavailable(f"{self.dialect} database {self.url}: {error_line(error)}")
 
     def _pool_busy(self) -> StoreUnavailable:
         return StoreUnavailable(
@@ -288,7 +289,7 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
             try:
                 raw = self._engine.raw_connection()
             except (exc.DBAPIError, exc.TimeoutError, self._driver_error) as error:
-                raise StoreUnavailable(f"{self.dialect} database {self.url}: {error}") from error
+                raise self._unavailable(error) from error
         return raw
 
     def _sql(self, statement: str) -> tuple[str, tuple[str, ...] | None, dict[str, Any]]:
@@ -411,9 +412,13 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
         return bool(rows) and (rows[0][0] is None or rows[0][0] > time.time())
 
     def names(self, limit: int) -> list[str]:
-        rows = self._run("names", limit=limit)
+        return [name for name, _ in self.counts(limit)]
+
+    def counts(self, limit: int) -> list[tuple[str, int]]:
+        """``names`` and values in one ``SELECT`` (one snapshot of the table)."""
         size = len(self.key_prefix)
-        return [name[size:] for (name,) in rows if counter_name(name[size:])]
+        rows = self._run("counts", limit=limit)
+        return [(name[size:], int(value)) for name, value in rows if counter_name(name[size:])]
 
     def _maybe_sweep(self) -> None:
         """Delete expired per-client rows and expired shared values (limits' keys, sessions), at most
@@ -493,7 +498,3 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
 
     def close(self) -> None:
         self._engine.dispose()
-
-
-def _first_line(error: exc.DBAPIError) -> str:
-    return str(error.orig).strip().splitlines()[0] if error.orig is not None else str(error)
