@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 
 import pytest
@@ -66,10 +67,14 @@ LOAD_FIXTURES = {"serve", "dev_server"}
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) the tests that put real load on
     the machine run one after another on one worker, as they would without xdist, while the other
-    worker runs the rest: two gunicorn load tests never compete for the two cores.  ``tryfirst``:
+    worker runs the rest: two gunicorn load tests never compete for the two cores.  Tests marked
+    ``light`` (a server started for what it answers, or for counts that are exact whatever the
+    machine's load: no bound in time) run with the rest.  ``tryfirst``:
     xdist reads the group marks in its own hook of this name, so they must be set before it runs
     (set after, they were ignored, and load tests ran on both workers at once)."""
     for item in items:
+        if item.get_closest_marker("light"):
+            continue  # a server, but no timing under load: it may run beside the load tests
         if item.get_closest_marker("slow") or LOAD_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.xdist_group("load"))
 
@@ -255,6 +260,15 @@ def under_load(env: dict[str, str]) -> dict[str, str]:
     return {"FLASK_COUNTER_TIMEOUT": LOAD_TEST_TIMEOUT, **env}
 
 
+def stop_all(servers) -> None:
+    """Stop every server at once (each by its pid; gunicorn takes about a second to stop)."""
+    threads = [threading.Thread(target=server.stop) for server in servers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 @pytest.fixture
 def serve():
     """Start gunicorn servers for one test; each is stopped by its pid afterwards."""
@@ -266,5 +280,4 @@ def serve():
         return server.start()
 
     yield start
-    for server in started:
-        server.stop()
+    stop_all(started)

@@ -388,7 +388,7 @@ class Gunicorn(Server):
 class FlaskDevServer(Gunicorn):
     """The same app under ``flask run --with-threads``: one process, a thread per request."""
 
-    stop_signal = signal.SIGTERM
+    stop_signal = signal.SIGTERM  # SIGQUIT is gunicorn's; Python's default for it dumps core
 
     def command(self) -> list[str]:
         module = self.app.split(":")[0]
@@ -415,6 +415,8 @@ class FlaskDevServer(Gunicorn):
 class DevServer(Gunicorn):
     """The app under Werkzeug's own server, ``app.run(threaded=True)`` or ``app.run(processes=N)``
     (``model`` is "threaded" or "processes=N"), as the seed thread suggests."""
+
+    stop_signal = signal.SIGTERM  # SIGQUIT is gunicorn's; Python's default for it dumps core
 
     def __init__(self, env: dict[str, str], model: str, **options) -> None:
         super().__init__(env, **options)

@@ -21,7 +21,8 @@ from tally.loadcheck import run_load
 from tests.servers import ROOT, Gunicorn, free_port
 from tests.test_ratelimits import post_concurrently
 
-pytestmark = pytest.mark.slow
+# The wheel built and installed, then the example app served: what it answers, no timing.
+pytestmark = [pytest.mark.slow, pytest.mark.light]
 
 EXAMPLE = ROOT / "tests" / "example_app"
 DEMO_MODULES = ("app", "common", "settings", "commands", "sessions", "routes")

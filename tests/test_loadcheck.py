@@ -7,7 +7,8 @@ import pytest
 from tests.conftest import settings_env
 from tests.servers import free_port
 
-pytestmark = pytest.mark.slow
+# The checker's verdicts: exact counts, duplicates (more likely beside other load, not less), exit codes.
+pytestmark = [pytest.mark.slow, pytest.mark.light]
 
 
 def loadcheck(runner, *args: str):

@@ -106,7 +106,7 @@ def test_an_unreachable_server_fails_fast_and_service_returns(memcached_server):
         began = time.monotonic()
         with pytest.raises(StoreUnavailable):
             store.add("p", 1)
-        assert time.monotonic() - began < 5  # bounded by the timeout, not the OS's minutes
+        assert time.monotonic() - began < 0.3 + 0.7  # the command's deadline, not the OS's minutes
         with pytest.raises(StoreUnavailable):
             store.health()
     finally:
@@ -284,4 +284,70 @@ def test_an_idle_connection_past_descriptor_1023_is_kept():
         store.close()
         for fd in held:
             os.close(fd)
+        server.stop()
+
+
+class TricklingServer:
+    """A loopback server that speaks just enough memcached for ``incr``: the first reply at once, every
+    later one a byte every ``gap`` seconds (a server that is slow, not silent)."""
+
+    def __init__(self, gap: float) -> None:
+        import socket
+
+        self.gap = gap
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(0.1)
+        while not self.stopping.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection) -> None:
+        connection.settimeout(5)
+        replies = 0
+        with connection:
+            while not self.stopping.is_set():
+                try:
+                    if not connection.recv(4096):
+                        return
+                    reply = f"{OFFSET + replies + 1}\r\n".encode()
+                    if replies == 0:
+                        connection.sendall(reply)
+                    else:
+                        for byte in reply:
+                            if self.stopping.wait(self.gap):
+                                return
+                            connection.sendall(bytes([byte]))
+                    replies += 1
+                except OSError:
+                    return
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+def test_a_server_answering_a_byte_at_a_time_cannot_stretch_a_command_past_its_deadline():
+    """Each read of a trickled reply returns a byte in time, so a timeout per socket call would never
+    fire (a 21-byte reply at 0.1 s a byte: 2.1 s); the command's own deadline does, on an open
+    connection as on the first."""
+    server = TricklingServer(gap=0.1)
+    store = MemcachedCounterStore([server.address], key_prefix="", timeout=0.5, pool_size=1)
+    try:
+        assert store.add("t", 1) == 1  # connected, first reply at once
+        began = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            store.add("t", 1)  # the same (open) connection, trickled
+        assert time.monotonic() - began < 0.5 + 0.4
+    finally:
+        store.close()
         server.stop()

@@ -51,6 +51,7 @@ def bearer(token: str) -> dict[str, str]:
 # -- /metrics under gunicorn: every worker counted, exactly ------------------------------------------
 
 
+@pytest.mark.light  # exact counts and files, no timing
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", SHARED_BACKENDS)
 def test_scraped_totals_add_up_to_the_requests_sent_across_workers(serve, store_settings, backend):
@@ -91,6 +92,7 @@ def test_scraped_totals_add_up_to_the_requests_sent_across_workers(serve, store_
     assert name not in text and "metrics-set" not in text
 
 
+@pytest.mark.light  # exact counts and files, no timing
 def test_the_counts_of_a_worker_that_died_stay_in_the_totals(serve, store_settings):
     """A worker killed (and replaced by gunicorn) leaves its file behind: totals never go back."""
     server = serve(settings_env(store_settings("filesystem")), workers=2, threads=4)
@@ -112,6 +114,7 @@ def test_the_counts_of_a_worker_that_died_stay_in_the_totals(serve, store_settin
     assert incr_total() == 200
 
 
+@pytest.mark.light  # exact counts and files, no timing
 def test_the_metrics_directory_is_the_masters_own_and_stale_ones_are_removed(serve, store_settings, tmp_path):
     instance = tmp_path / "instance"
     stale = instance / "metrics" / "999999999"  # above any pid this kernel hands out

@@ -20,9 +20,13 @@ What this module guarantees instead, and why the state above cannot be reached:
 - Any failure (timeout, reset, unexpected or error reply) closes the socket (pymemcache closes on
   every exception); the next command on that client opens a fresh connection.  Nothing of a broken
   exchange survives it.
-- Every command, connect included, must finish by a deadline ``timeout`` seconds after it starts:
-  each socket call waits only for what is left of it (``DeadlineSocket``), so a server that answers a
-  byte at a time cannot stretch a command past the deadline either.
+- Every command, connect included, must finish by a deadline ``timeout`` seconds after it starts.
+  On an open connection the socket is blocking and a watcher thread (``SocketDeadlines``) shuts it
+  down if the command is still running at the deadline: the read or write in progress fails at once,
+  and a server that answers a byte at a time cannot stretch the command either.  A command that must
+  connect first waits only for what is left of its deadline in each socket call (``DeadlineSocket``);
+  the socket is made blocking again after it.  (A socket with a timeout costs a ``poll`` before every
+  read and write and an ``ioctl`` each time the timeout is set: 6 system calls an ``incr`` instead of 2.)
 - All of it is Python: a stuck request is a thread blocked in a socket call with a timeout, never a
   C loop; it ends by the deadline.
 """
@@ -40,6 +44,7 @@ from typing import Any
 from pymemcache.client.base import Client
 
 from .base import close_idle, closed_by_peer
+from .deadlines import SocketDeadlines
 
 _deadline = threading.local()
 #: How many times this process's line of descent has forked: connections made before a fork are left
@@ -104,6 +109,10 @@ SOCKET_MODULE = _SocketModule()
 IDLE_CHECK_SECONDS = 1.0
 
 
+#: Every memcached connection of this process is watched by one thread.
+DEADLINES = SocketDeadlines()
+
+
 class PoolExhausted(Exception):
     """Every connection of this process to the server stayed in use for the whole wait."""
 
@@ -122,7 +131,7 @@ class Connection:
         self._client = Client(
             parse_address(address),
             connect_timeout=timeout,
-            timeout=timeout,
+            timeout=None,  # blocking once connected: DEADLINES bounds each command
             no_delay=True,
             default_noreply=False,
             socket_module=SOCKET_MODULE,
@@ -130,16 +139,34 @@ class Connection:
         self._last_used = 0.0
 
     def call(self, command: str, *args: Any, **kwargs: Any) -> Any:
-        """Run one pymemcache command, finished or failed (socket closed) by the deadline."""
+        """Run one pymemcache command, finished or failed (socket shut down or timed out) by the
+        deadline."""
         now = time.monotonic()
         if now - self._last_used > IDLE_CHECK_SECONDS:
             self._drop_if_closed()
         self._last_used = now
-        _deadline.at = now + self.timeout
+        sock = self._client.sock
+        if sock is None:  # connects first: each socket call capped by what is left (DeadlineSocket)
+            _deadline.at = now + self.timeout
+            try:
+                return getattr(self._client, command)(*args, **kwargs)
+            finally:
+                _deadline.at = None
+                self._plain_socket()
+        token = DEADLINES.watch(sock.fileno(), self.timeout)
         try:
             return getattr(self._client, command)(*args, **kwargs)
         finally:
-            _deadline.at = None
+            SocketDeadlines.done(token)
+
+    def _plain_socket(self) -> None:
+        """Once connected, the client's socket becomes a plain blocking ``socket.socket`` (same
+        descriptor): its reads and writes are the C methods, not ``DeadlineSocket``'s."""
+        sock = self._client.sock
+        if isinstance(sock, DeadlineSocket):
+            plain = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+            plain.settimeout(None)
+            self._client.sock = plain
 
     def _drop_if_closed(self) -> None:
         """Close a connection the server closed while it sat idle (a memcached restart), so that the

@@ -40,7 +40,7 @@ registers the store.
 
 from __future__ import annotations
 
-from .deadlines import SocketDeadlines
+from ..deadlines import SocketDeadlines
 from .engines import BUSY_SLICE_MS, DEFAULT_DATABASE_URI, SQLITE_MIN_VERSION, database_uri
 from .schema import MAX_PREFIX, READS, counters_table, metadata, values_table
 from .store import SqlCounterStore

@@ -29,6 +29,7 @@ from ..base import (
     WindowSupport,
     counter_name,
 )
+from ..deadlines import SocketDeadlines
 from .connections import (
     READ_ONLY_SQLSTATE,
     closed_by_server,
@@ -37,7 +38,6 @@ from .connections import (
     read_only,
     take_warnings,
 )
-from .deadlines import SocketDeadlines
 from .engines import CALL_DEADLINE, DEFAULT_DATABASE_URI, database_uri, postgresql_engine, sqlite_engine
 from .schema import MAX_PREFIX, READS, metadata, statements
 
