@@ -351,3 +351,54 @@ def test_a_server_answering_a_byte_at_a_time_cannot_stretch_a_command_past_its_d
     finally:
         store.close()
         server.stop()
+
+
+def test_a_key_dump_right_after_reads_lists_every_counter(memcached_server):
+    """The LRU dump (``metadump all``) skipped counters that had just been read, which the LRU
+    maintainer moves between segments while the crawler walks them (3 runs of 6 here); the hash-table
+    dump does not.  Early-closed dumps (a limit reached), then reads of every counter, then full dumps."""
+    store = MemcachedCounterStore([memcached_server.address], key_prefix="dump:")
+    created = {f"c{i:02d}" for i in range(25)}
+    for name in created:
+        store.add(name, 1)
+    for _ in range(5):
+        for limit in (1, 10, 24):
+            assert len(store.names(limit)) == limit
+        for name in created:
+            store.get(name)
+        assert [set(store.names(1000)) for _ in range(4)] == [created] * 4
+
+
+class LruDumpOnlyServer(TricklingServer):
+    """Answers ``metadump hash`` as a memcached older than the hash dump does (the word read as a
+    class id), and ``metadump all`` with one item and END."""
+
+    def __init__(self) -> None:
+        self.dumps: list[bytes] = []
+        super().__init__(gap=0)
+
+    def _answer(self, connection) -> None:
+        connection.settimeout(5)
+        with connection:
+            request = connection.recv(4096)
+            self.dumps.append(request)
+            if request == b"lru_crawler metadump hash\r\n":
+                connection.sendall(b"BADCLASS invalid class id\r\n")
+            elif request == b"lru_crawler metadump all\r\n":
+                connection.sendall(b"key=old%3Aapples exp=-1 la=1 cas=1 fetch=no cls=1 size=60\nEND\r\n")
+
+
+def test_a_server_without_the_hash_dump_is_listed_with_the_lru_dump():
+    server = LruDumpOnlyServer()
+    store = MemcachedCounterStore([server.address], key_prefix="old:", timeout=2.0)
+    try:
+        assert store.names(10) == ["apples"]
+        assert store.names(10) == ["apples"]
+        assert server.dumps == [
+            b"lru_crawler metadump hash\r\n",
+            b"lru_crawler metadump all\r\n",
+            b"lru_crawler metadump all\r\n",  # remembered per server
+        ]
+    finally:
+        store.close()
+        server.stop()
