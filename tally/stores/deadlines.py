@@ -35,20 +35,27 @@ class Watched:
         self.running = True
 
 
+#: Lengths of watch within 1/LINES_PER_SECOND s of each other share a line.
+LINES_PER_SECOND = 100
+
+
 class SocketDeadlines:
     """Shuts down the socket of a call still running at its deadline (one daemon thread).
 
-    ``watch(fd, seconds)`` before the call, ``done(token)`` after it.  The calls watched for the same
-    number of seconds end in the order they start, so each such length has a first-in-first-out line
-    and the watcher sleeps until the deadline at the front of the lines: a call that ends in time costs
-    an append and a flag, no lock (the watcher is only woken when it sleeps with nothing to watch, or
-    for a new length).  The shutdown makes the driver's next read or write fail at once, whatever the
+    ``watch(fd, seconds)`` before the call, ``done(token)`` after it.  Calls watched for the same
+    length of time reach their deadlines in the order they start, so each length (to within
+    1/``LINES_PER_SECOND`` s: a PostgreSQL call is watched for what is left of its budget) has a
+    first-in-first-out line, and the watcher sleeps until the earliest deadline at the front of the
+    lines; a deadline behind a later one in its line is kept at most that much late.  A call that
+    ends in time costs an append and a flag, no lock: the watcher is woken only when it sleeps with
+    nothing to watch, or for a new line (at most ``LINES_PER_SECOND`` per second of the longest
+    timeout).  The shutdown makes the driver's next read or write fail at once, whatever the
     server is doing; the connection is then discarded.
     """
 
     def __init__(self) -> None:
         self._condition = threading.Condition()
-        self._lines: dict[float, deque[tuple[float, Watched]]] = {}
+        self._lines: dict[int, deque[tuple[float, Watched]]] = {}
         self._idle = False  # the watcher sleeps until notified (set before it looks at the lines)
         self._generation = -1
 
@@ -56,10 +63,11 @@ class SocketDeadlines:
         token = Watched(fd)
         if self._generation != _forks:
             self._start()
-        line = self._lines.get(seconds)
+        length = int(seconds * LINES_PER_SECOND)
+        line = self._lines.get(length)
         if line is None:
             with self._condition:
-                self._lines.setdefault(seconds, deque()).append((time.monotonic() + seconds, token))
+                self._lines.setdefault(length, deque()).append((time.monotonic() + seconds, token))
                 self._condition.notify()
             return token
         line.append((time.monotonic() + seconds, token))
