@@ -35,6 +35,7 @@ import hashlib
 import heapq
 import json
 import logging
+import math
 import os
 import queue
 import sys
@@ -292,7 +293,9 @@ def leaderboard() -> Response:
     if found is not None:
         computed_at, rows = found
     else:
-        computed_at = round(time.time(), 3)  # taken before the reads: every value is at least this new
+        # Taken before the reads, to the millisecond rounded down: every value is at least this new
+        # (rounded to nearest, it could lie after the reads began, and after the answer: seen in a test).
+        computed_at = math.floor(time.time() * 1000) / 1000
         rows = top_counters(store, scan_limit)
         if max_age > 0:
             entry = encode_entry(scope, computed_at, rows)
