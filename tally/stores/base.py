@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import random
 import socket
@@ -27,6 +28,26 @@ from ..errors import CorruptCounter, InvalidName, Overflow
 from ..names import validate_name
 
 log = logging.getLogger(__name__)
+
+#: How many times this process's line of descent has forked.  A client keeps the value it was made
+#: under and starts again (new sockets, a new watcher thread) when ``forks()`` differs: whatever a
+#: parent opened stays the parent's (a socket shared with it would hand each process the other's
+#: replies).
+_forks = 0
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
+
+def forks() -> int:
+    """The number of forks between the first process and this one (0 in the first)."""
+    return _forks
+
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1

@@ -7,22 +7,12 @@ no timeout set and no ``poll`` before each read and write.
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
 from collections import deque
 
-#: How many times this process's line of descent has forked (a child starts its own watcher).
-_forks = 0
-
-
-def _count_fork() -> None:
-    global _forks
-    _forks += 1
-
-
-os.register_at_fork(after_in_child=_count_fork)
+from .base import forks
 
 
 class Watched:
@@ -61,7 +51,7 @@ class SocketDeadlines:
 
     def watch(self, fd: int, seconds: float) -> Watched:
         token = Watched(fd)
-        if self._generation != _forks:
+        if self._generation != forks():
             self._start()
         length = int(seconds * LINES_PER_SECOND)
         line = self._lines.get(length)
@@ -83,12 +73,12 @@ class SocketDeadlines:
     def _start(self) -> None:
         """The watcher thread, on first use and again in a forked child (the parent's stayed there)."""
         with self._condition:
-            if self._generation == _forks:
+            if self._generation == forks():
                 return
             self._lines = {}
             self._idle = False
             threading.Thread(target=self._run, name="tally-deadlines", daemon=True).start()
-            self._generation = _forks
+            self._generation = forks()
 
     def _run(self) -> None:
         with self._condition:

@@ -34,7 +34,6 @@ What this module guarantees instead, and why the state above cannot be reached:
 from __future__ import annotations
 
 import hashlib
-import os
 import queue
 import socket
 import threading
@@ -43,21 +42,10 @@ from typing import Any
 
 from pymemcache.client.base import Client
 
-from .base import close_idle, closed_by_peer
+from .base import close_idle, closed_by_peer, forks
 from .deadlines import SocketDeadlines
 
 _deadline = threading.local()
-#: How many times this process's line of descent has forked: connections made before a fork are left
-#: to the parent.
-_forks = 0
-
-
-def _count_fork() -> None:
-    global _forks
-    _forks += 1
-
-
-os.register_at_fork(after_in_child=_count_fork)
 
 
 def _remaining() -> float | None:
@@ -195,13 +183,13 @@ class ServerConnections:
         self._reset()
 
     def _reset(self) -> None:
-        self._generation = _forks
+        self._generation = forks()
         self._free: queue.SimpleQueue[Connection] = queue.SimpleQueue()
         for _ in range(self.size):
             self._free.put(Connection(self.address, self.timeout))
 
     def take(self, wait: float) -> Connection:
-        if self._generation != _forks:
+        if self._generation != forks():
             self._reset()
         try:
             return self._free.get(timeout=wait)

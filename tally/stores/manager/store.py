@@ -6,7 +6,6 @@ running here and never in the manager.
 
 from __future__ import annotations
 
-import os
 import queue
 import time
 from collections.abc import Callable, Mapping
@@ -15,21 +14,9 @@ from typing import Any
 
 from ... import metrics
 from ...errors import Conflict, CorruptCounter, StoreUnavailable
-from ..base import VALUE_RETRIES, CounterStore, KeyLocks, close_idle, pause_after_conflict
+from ..base import VALUE_RETRIES, CounterStore, KeyLocks, close_idle, forks, pause_after_conflict
 from .protocol import _Connection
 from .settings import manager_settings
-
-#: How many times this process's line of descent has forked: connections made before a fork stay
-#: the parent's (a socket shared with it would hand each process the other's replies).
-_forks = 0
-
-
-def _count_fork() -> None:
-    global _forks
-    _forks += 1
-
-
-os.register_at_fork(after_in_child=_count_fork)
 
 
 class ManagerCounterStore(CounterStore):
@@ -86,7 +73,7 @@ class ManagerCounterStore(CounterStore):
         self._reset_pool()
 
     def _reset_pool(self) -> None:
-        self._generation = _forks
+        self._generation = forks()
         # Last in, first out: a few threads keep reusing the same few open connections, so the manager
         # serves no more connections (a thread each) than the threads that really call at once.
         self._free: queue.LifoQueue[_Connection] = queue.LifoQueue()
@@ -95,7 +82,7 @@ class ManagerCounterStore(CounterStore):
 
     def _call(self, method: str, *args: Any) -> Any:
         deadline = time.monotonic() + self.timeout
-        if self._generation != _forks:
+        if self._generation != forks():
             self._reset_pool()
         try:
             connection = self._free.get(timeout=self.timeout)
