@@ -51,6 +51,7 @@ import pylibmc  # noqa: E402
 import redis  # noqa: E402
 from pymemcache.client.base import Client as PymemcacheClient  # noqa: E402
 from scaling import block_rate, scaling_rows  # noqa: E402
+from scaling import paired as paired_measurements  # noqa: E402
 from sql_bench import sql_rows  # noqa: E402
 from topology_bench import http_environments, sentinel_rows, start_topologies  # noqa: E402
 
@@ -396,24 +397,8 @@ def python_rate(url: str, method: str, seconds: int) -> float:
 def paired(first: Callable[[], float], second: Callable[[], float], rounds: int):
     """Medians of ``first()`` and ``second()`` and of their ratio, measured in adjacent pairs whose
     order alternates, so that the machine's drifts and the order of runs cancel out."""
-    firsts, seconds, ratios = paired_runs(first, second, rounds)
-    return statistics.median(firsts), statistics.median(seconds), statistics.median(ratios)
-
-
-def paired_runs(first: Callable[[], float], second: Callable[[], float], rounds: int):
-    """``paired``'s measurements: every pair's first, second and ratio (first / second)."""
-    firsts, seconds, ratios = [], [], []
-    for round_ in range(rounds):
-        if round_ % 2:
-            b_value = second()
-            a_value = first()
-        else:
-            a_value = first()
-            b_value = second()
-        firsts.append(a_value)
-        seconds.append(b_value)
-        ratios.append(a_value / b_value)
-    return firsts, seconds, ratios
+    result = paired_measurements(first, second, rounds)
+    return result.first, result.second, result.ratio
 
 
 def workers_cpu_seconds(master_pid: int) -> float:
@@ -456,15 +441,13 @@ def compare_routes(first: tuple, second: tuple, rounds: int, seconds: int) -> di
     for server in {first[0], second[0]}:
         measure(f"{server.url}/livez", "GET", 1)  # warm up every worker
     cpu = CpuMeter(measure, seconds)
-    firsts, seconds_, ratios = paired_runs(
-        lambda: cpu.run("first", *first), lambda: cpu.run("second", *second), rounds
-    )
+    result = paired_measurements(lambda: cpu.run("first", *first), lambda: cpu.run("second", *second), rounds)
     return {
-        "first": statistics.median(firsts),
-        "second": statistics.median(seconds_),
-        "ratio": statistics.median(ratios),
-        "ratio_low": min(ratios),
-        "ratio_high": max(ratios),
+        "first": result.first,
+        "second": result.second,
+        "ratio": result.ratio,
+        "ratio_low": result.ratios[0],
+        "ratio_high": result.ratios[-1],
         "first_cpu_us": cpu.per_request_us("first"),
         "second_cpu_us": cpu.per_request_us("second"),
         "cpu_ratio": cpu.per_request_us("second") / cpu.per_request_us("first"),
