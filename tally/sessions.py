@@ -92,9 +92,13 @@ def _redis_session_client_class() -> type:
         def get(self, name: KeyT) -> bytes | None:
             return self._store.session_get(_key_text(name))
 
-        def set(self, name: KeyT, value: EncodableT, ex: ExpiryT | None = None, *_: Any, **__: Any) -> None:
-            seconds = int(ex.total_seconds()) if isinstance(ex, timedelta) else ex
-            self._store.session_set(_key_text(name), _value_bytes(value), seconds or 0)
+        def set(
+            self, name: KeyT, value: EncodableT, ex: ExpiryT | str | None = None, *_: Any, **__: Any
+        ) -> bool:
+            """Store the session for ``ex`` seconds (an int, its text, or a ``timedelta``)."""
+            seconds = int(ex.total_seconds()) if isinstance(ex, timedelta) else int(ex or 0)
+            self._store.session_set(_key_text(name), _value_bytes(value), seconds)
+            return True
 
         def delete(self, *names: KeyT) -> int:
             return sum(self._store.session_delete(_key_text(name)) for name in names)

@@ -10,6 +10,18 @@ import uuid
 
 import pytest
 
+# One temporary folder for the whole run, made by the first process (the controller under
+# pytest-xdist): TMPDIR for the workers and every server, gunicorn and browser they start, so nothing
+# a test makes can land anywhere else.  pytest's own basetemp stays in the system's folder.
+if "TALLY_RUN_TMPDIR" not in os.environ:
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+    os.environ["TALLY_RUN_TMPDIR"] = tempfile.mkdtemp(prefix="tally-run-")
+    os.chmod(os.environ["TALLY_RUN_TMPDIR"], 0o1777)  # as /tmp: servers run as other users (postgres)
+    RUN_OWNER = True
+else:
+    RUN_OWNER = False
+RUN_TMPDIR = os.environ["TMPDIR"] = tempfile.tempdir = os.environ["TALLY_RUN_TMPDIR"]
+
 # Set before `app` is imported anywhere, so its module-level app never writes into the source tree;
 # one per test process (each pytest-xdist worker has its own: they share no instance folder).
 if "PYTEST_XDIST_WORKER" in os.environ or "TALLY_INSTANCE_PATH" not in os.environ:
@@ -57,6 +69,27 @@ def pytest_unconfigure(config):
     """The test run leaves no directory behind in the temp folder (every process removes its own)."""
     if os.path.basename(SESSION_INSTANCE).startswith("tally-test-instance-"):
         shutil.rmtree(SESSION_INSTANCE, ignore_errors=True)
+    if RUN_OWNER:
+        shutil.rmtree(RUN_TMPDIR, ignore_errors=True)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session):
+    """Fail the run when a test left a server or a file behind: once the workers are gone (xdist
+    stops them in its own hook of this name, which runs first), no process may still have the run's
+    TMPDIR, and the run's folder must hold nothing but this process's instance folder.  What is
+    found is listed, then killed and removed."""
+    from tests.leftovers import leftover_files, leftover_processes
+
+    if not RUN_OWNER:
+        return
+    processes = leftover_processes(RUN_TMPDIR)
+    files = leftover_files(RUN_TMPDIR, keep={SESSION_INSTANCE})
+    if processes or files:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        for line in [*processes, *files]:
+            reporter.write_line(f"left behind by the run: {line}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 #: Fixtures that start servers under load (gunicorn, the development servers).

@@ -30,6 +30,12 @@ def _worker(spec: dict, barrier, results) -> None:
 
 def _hammer(spec: dict, barrier) -> dict[str, int]:
     import flask
+
+    with tempfile.TemporaryDirectory(prefix="tally-hammer-") as instance:
+        return _hammer_in(spec, barrier, flask.Flask("hammer", instance_path=instance))
+
+
+def _hammer_in(spec: dict, barrier, app) -> dict[str, int]:
     from flask_caching import Cache
     from limits import parse
     from limits.storage import storage_from_string
@@ -37,7 +43,6 @@ def _hammer(spec: dict, barrier) -> dict[str, int]:
 
     import tally
 
-    app = flask.Flask("hammer", instance_path=tempfile.mkdtemp(prefix="tally-hammer-"))
     app.config.update(spec["settings"])
     cache = Cache()
     cache.init_app(app)

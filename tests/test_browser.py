@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 
 import pytest
 
@@ -33,7 +32,7 @@ FLAGS = [
 
 
 @pytest.fixture
-def open_browser():
+def open_browser(tmp_path):
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         pytest.fail("chromium and chromedriver are needed: `make test` installs them (Debian packages)")
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not try to download anything
@@ -48,12 +47,15 @@ def open_browser():
         options.binary_location = CHROMIUM
         for flag in FLAGS:
             options.add_argument(flag)
-        options.add_argument(f"--user-data-dir={tempfile.mkdtemp(prefix='tally-chromium-')}")
+        # The profile, and what Chromium and chromedriver put in TMPDIR, go with the test's tmp_path.
+        profile = tmp_path / f"chromium-{len(drivers)}"
+        options.add_argument(f"--user-data-dir={profile}")
         if not javascript:
             options.add_experimental_option(
                 "prefs", {"profile.managed_default_content_settings.javascript": 2}
             )
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        service = Service(CHROMEDRIVER, env={**os.environ, "TMPDIR": str(tmp_path)})
+        driver = webdriver.Chrome(service=service, options=options)
         driver.set_page_load_timeout(30)
         drivers.append(driver)
         return driver

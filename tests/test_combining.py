@@ -16,13 +16,14 @@ from tally import Overflow, StoreUnavailable
 from tally.combining import Combiner
 from tally.stores.memcached import MemcachedCounterStore
 from tally.stores.redis_store import RedisCounterStore
+from tests.conftest import IN_PROCESS_TIMEOUT
 from tests.servers import Memcached, Redis
 
 THREADS = 16
 PER_THREAD = 150
 
 
-def make_store(backend: str, server, timeout: float = 0.5):
+def make_store(backend: str, server, timeout: float = IN_PROCESS_TIMEOUT):
     prefix = f"comb{uuid.uuid4().hex[:8]}:"
     if backend == "memcached":
         return MemcachedCounterStore([server.address], key_prefix=prefix, timeout=timeout, pool_size=THREADS)

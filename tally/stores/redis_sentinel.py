@@ -59,8 +59,9 @@ class RedisSentinelCounterStore(RedisCounterStore):
         self.sentinels = [(str(host), int(port)) for host, port in sentinels]
         self.master = master
         share = timeout / len(self.sentinels)
-        # redis-py leaves Sentinel's constructor, master_for and discover_master unannotated
-        self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        # redis-py before 8.2 leaves Sentinel's constructor, master_for and discover_master unannotated:
+        # the ignores hold on both sides of that release
+        self._sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             self.sentinels,
             sentinel_kwargs={
                 "socket_timeout": share,
@@ -75,7 +76,7 @@ class RedisSentinelCounterStore(RedisCounterStore):
             retry=no_retries(),
         )
         # Connections open as threads need them (redis-py's sentinel pool does not block at a bound).
-        self._redis = self._sentinel.master_for(master)  # type: ignore[no-untyped-call]
+        self._redis = self._sentinel.master_for(master)  # type: ignore[no-untyped-call, unused-ignore]
         self._set_up(key_prefix, timeout, min_replicas)
 
     def where(self) -> str:
@@ -84,7 +85,7 @@ class RedisSentinelCounterStore(RedisCounterStore):
     def health(self) -> dict[str, Any]:
         details = super().health()
         with self._errors():
-            host, port = self._sentinel.discover_master(self.master)  # type: ignore[no-untyped-call]
+            host, port = self._sentinel.discover_master(self.master)  # type: ignore[no-untyped-call, unused-ignore]
         details["primary"] = f"{host}:{port}"
         return details
 
