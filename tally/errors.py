@@ -64,6 +64,17 @@ class StoreUnavailable(TallyError):
     )
 
 
+class StoreRefused(TallyError):
+    """The store answered, but refused to keep the data: an item over memcached's size limit, a
+    server out of memory, a full disk.  The store is up (this is no outage: service does not wait
+    for it to come back), nothing was written, and the same request fails again until the data or
+    the store's settings change."""
+
+    status = 507
+    code = "store_refused"
+    public_message = "the counter store is up but refused to keep this data; nothing was written"
+
+
 class OutcomeUnknown(StoreUnavailable):
     """A write was sent, but its answer never came back (the connection broke, or the deadline
     passed while it ran): it may or may not have been applied.  Its result is never guessed, and it

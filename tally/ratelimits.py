@@ -12,7 +12,8 @@ worker processes and hosts that share the store.  That holds for all three of li
   it is one counter step, a per-client-style key whose lifetime is set by the window's first hit
   (its end rounded up to the whole second on the filesystem and SQL); elsewhere (memcached, the
   manager) a value update as below;
-- moving window: the times of the hits in the window, newest first, never more than the limit;
+- moving window: the times of the hits in the window, newest first, as runs (a time and how many
+  hits it took: a hit of any cost is one entry), never more than the limit;
 - sliding window counter: ``(window number, previous count, current count)``, the two windows limits'
   other storages keep under two keys kept here in one value, so the weighted decision and the hit are
   one step.
@@ -48,9 +49,10 @@ from typing import Any
 
 from flask import Flask, current_app, has_app_context
 from limits.storage import MovingWindowSupport, SlidingWindowCounterSupport, Storage
+from limits.storage.base import TimestampedSlidingWindow
 
 from . import metrics
-from .errors import StoreUnavailable, TallyError
+from .errors import StoreRefused, StoreUnavailable, TallyError
 from .names import hashed_key
 from .stores.base import CounterStore, WindowSupport
 
@@ -61,6 +63,9 @@ LIMIT_MARK = "@rl."
 RECENT = 0.05
 _FIXED = struct.Struct("<qd")  # hits, end of the window (unix seconds)
 _SLIDING = struct.Struct("<qqq")  # window number (now // expiry), previous window's hits, current's
+_RUNS_MARK = b"TMW2"  # a moving window stored as runs: (time, hits), newest first
+_RUN = struct.Struct("<dI")
+_RUN_MAX = 2**32 - 1
 
 
 def limit_key(key: str) -> str:
@@ -73,10 +78,14 @@ def _lifetime(expiry: float) -> int:
     return max(1, math.ceil(expiry))
 
 
-class TallyStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport):
+class TallyStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport, TimestampedSlidingWindow):
     """limits' ``Storage`` (with moving window and sliding window counter support) on the store of
     ``counters`` (a ``tally.Counters`` or ``tally.SharedValues``).  The store is the current app's,
-    or, outside an app context, that of the app ``counters`` was created with (``Counters(app)``)."""
+    or, outside an app context, that of the app ``counters`` was created with (``Counters(app)``).
+
+    ``TimestampedSlidingWindow``: the sliding window counter's windows are aligned on the clock
+    (window number ``now // expiry``), as in limits' memory and memcached storages, not on the first
+    hit; limits' tests and strategies read the marker to know which."""
 
     STORAGE_SCHEME = ["tally"]
 
@@ -210,19 +219,24 @@ class TallyStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport):
         def change(data: bytes | None) -> bytes:
             nonlocal acquired  # the last call's decision is the one written
             now = time.time()
-            live = [t for t in _times(data) if t > now - expiry][:limit]
-            acquired = len(live) + amount <= limit
-            if acquired:
-                live = [now] * amount + live
-            return struct.pack(f"<{len(live)}d", *live)
+            live = _live_runs(data, now, limit, expiry)
+            acquired = sum(count for _, count in live) + amount <= limit
+            return _pack_runs([(now, amount), *live] if acquired else live)
 
-        self._update(self._store(), "limit_hit", key, change, _lifetime(expiry))
+        try:
+            self._update(self._store(), "limit_hit", key, change, _lifetime(expiry))
+        except StoreRefused as error:
+            raise StoreRefused(
+                f"a moving window of {limit} hits keeps one entry per hit in the window in one item,"
+                f" and the store refused it: {error}; use the sliding window counter for a limit this"
+                " large, or raise the store's item size"
+            ) from error
         return acquired
 
     def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         now = time.time()
-        live = [t for t in _times(self._read(self._store(), key)) if t > now - expiry][:limit]
-        return (live[-1], len(live)) if live else (now, 0)
+        live = _live_runs(self._read(self._store(), key), now, limit, expiry)
+        return (live[-1][0], sum(count for _, count in live)) if live else (now, 0)
 
     # -- sliding window counter --------------------------------------------------------------------
 
@@ -258,10 +272,36 @@ class TallyStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport):
         self.clear(key)
 
 
-def _times(data: bytes | None) -> list[float]:
-    if not data or len(data) % 8:
+def _runs(data: bytes | None) -> list[tuple[float, int]]:
+    """A moving window's hits, newest first, as ``(time, hits at that time)``: a hit of cost 1,000
+    is one entry, not a thousand.  Read from the format before runs too (one 8-byte time per hit)."""
+    if not data:
         return []
-    return list(struct.unpack(f"<{len(data) // 8}d", data))
+    if data.startswith(_RUNS_MARK) and (len(data) - len(_RUNS_MARK)) % _RUN.size == 0:
+        return [(at, count) for at, count in _RUN.iter_unpack(data[len(_RUNS_MARK) :])]
+    if len(data) % 8 == 0:
+        return [(at, 1) for at in struct.unpack(f"<{len(data) // 8}d", data)]
+    return []
+
+
+def _live_runs(data: bytes | None, now: float, limit: int, expiry: int) -> list[tuple[float, int]]:
+    """The runs of hits still inside the window, newest first, holding at most ``limit`` hits."""
+    live: list[tuple[float, int]] = []
+    total = 0
+    for at, count in _runs(data):
+        if at > now - expiry and total < limit:
+            live.append((at, min(count, limit - total)))
+            total += live[-1][1]
+    return live
+
+
+def _pack_runs(runs: list[tuple[float, int]]) -> bytes:
+    packed = bytearray(_RUNS_MARK)
+    for at, count in runs:
+        while count > 0:  # a run holds at most 2**32 - 1 hits
+            packed += _RUN.pack(at, min(count, _RUN_MAX))
+            count -= _RUN_MAX
+    return bytes(packed)
 
 
 def _windows(data: bytes | None, now: float, expiry: int) -> tuple[int, int, int]:

@@ -110,6 +110,18 @@ def pytest_collection_modifyitems(config, items):
             continue  # a server, but no timing under load: it may run beside the load tests
         if item.get_closest_marker("slow") or LOAD_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.xdist_group("load"))
+    without_ability = [item for item in items if not store_has_what_it_needs(item)]
+    if without_ability:
+        config.hook.pytest_deselected(items=without_ability)
+        items[:] = [item for item in items if item not in without_ability]
+
+
+def store_has_what_it_needs(item) -> bool:
+    """A contract test marked ``needs`` (``tests.store_contract``) is collected only for the stores
+    whose class declares that ability: for the others it could not fail."""
+    ability = getattr(getattr(item, "function", None), "needs", None)
+    backend = getattr(getattr(item, "cls", None), "backend", None)
+    return ability is None or backend is None or ability[0](store_of(backend))
 
 
 def pytest_collection_finish(session):

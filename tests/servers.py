@@ -151,11 +151,15 @@ class Server:
 
 class Memcached(Server):
     """memcached with ``threads`` worker threads (the bench uses one, so that two client connections
-    compared call by call are served alike, not by whichever thread each happened to land on)."""
+    compared call by call are served alike, not by whichever thread each happened to land on), and
+    with ``item_size``, items of at most that many bytes (its ``-I``; 1 MiB by default)."""
 
-    def __init__(self, name: str = "memcached", port: int | None = None, threads: int = 2) -> None:
+    def __init__(
+        self, name: str = "memcached", port: int | None = None, threads: int = 2, item_size: int = 0
+    ) -> None:
         super().__init__(name, port)
         self.threads = threads
+        self.item_size = item_size
 
     def items(self, prefix: str = "") -> dict[str, dict[str, str]]:
         """The keys it holds that start with ``prefix``, with memcached's facts about each
@@ -194,6 +198,11 @@ class Memcached(Server):
             "64",
             "-t",
             str(self.threads),
+            *(
+                ["-I", str(self.item_size), "-o", f"slab_chunk_max={self.item_size // 2}"]
+                if self.item_size
+                else []
+            ),
         ]
 
 

@@ -39,6 +39,18 @@ OTHER_CLIENT = "fedcba9876543210fedcba9876543210"
 CONTRACT_TIMEOUT = 2.0
 
 
+def needs(ability: Callable[[type[CounterStore]], bool], why: str) -> Callable[[Any], Any]:
+    """A contract test that only means something for a store with ``ability`` (what its class
+    declares in the registry): not collected for the others (``tests.conftest`` deselects it), rather
+    than set up and skipped.  ``why`` says what the test is about."""
+
+    def mark(test: Any) -> Any:
+        test.needs = (ability, why)
+        return test
+
+    return mark
+
+
 @dataclass
 class Bare:
     """Tally on a bare Flask app: Flask-Caching, ``Counters(cache)`` and ``SharedValues(cache)``, set up
@@ -245,14 +257,13 @@ class CounterContract(ContractBase):
         assert sorted(store.counts(100)) == [("Zed9", 1), ("a", 3), ("b.c-d_e", -2), ("zero", 0)]
         assert len(store.counts(2)) == 2 and set(store.counts(2)) <= set(store.counts(100))
 
+    @needs(lambda store: bool(store.cache_types), "counters kept beside the page cache")
     def test_counters_survive_heavy_page_cache_traffic(self, make):
         """The page cache fills to four times its threshold (cachelib prunes past it) and is cleared;
         counters that follow CACHE_TYPE (kept beside the page cache, or on its servers) are untouched.
         A store that follows no cache type keeps its counters elsewhere altogether: nothing to test.
         (A threshold of 50, not cachelib's 500: the same pruning, a tenth of the files.)"""
         with make(CACHE_THRESHOLD=50) as bare:
-            if not type(bare.store).cache_types:
-                pytest.skip(f"the {bare.store.backend} store keeps counters apart from the page cache")
             bare.counters.incr("survivor", 7)
             for i in range(200):
                 bare.cache.set(f"page-{i}", i, timeout=0)
@@ -262,11 +273,10 @@ class CounterContract(ContractBase):
                 bare.cache.clear()
             assert bare.counters.get("survivor") == 7
 
+    @needs(lambda store: store.multi_process, "counts shared by several processes")
     def test_a_second_app_on_the_same_settings_shares_the_counters(self, make, bare):
         """What ``multi_process`` declares: another app (a worker, a host) on the same settings counts
         on the same counters and values."""
-        if not type(bare.store).multi_process:
-            pytest.skip(f"the {bare.store.backend} store keeps its counts inside one process")
         bare.counters.incr("both", 2)
         bare.shared.set_value("both", {"from": "first"})
         with make(bare.settings) as other:
@@ -433,10 +443,9 @@ class OptimisticUpdateContract(ContractBase):
                 time.sleep(0.01)
             assert bare.shared.get_value("race") == 10  # the held writer ran once the update ended
 
+    @needs(lambda store: store.optimistic_updates, "updates that may conflict (compare-and-set)")
     def test_endless_conflicts_end_in_a_conflict_error(self, bare):
         store = bare.store
-        if not type(store).optimistic_updates:
-            pytest.skip(f"the {store.backend} store holds the value while fn runs: it never conflicts")
         bare.shared.set_value("hot", 0)
 
         def always_beaten(value):
@@ -491,6 +500,27 @@ class LifetimeContract(ContractBase):
             theirs = counters.for_client(OTHER_CLIENT, lifetime=4)
             assert theirs.get("read") == 0  # reading creates nothing
 
+    def test_data_lives_at_least_its_lifetime_whatever_the_phase_of_the_clock(self, bare):
+        """A shared value and a per-client counter given 1 s are still there 0.9 s after the call
+        that wrote them began, whichever tenth of a second it began in.  memcached's clock ticks once
+        a second: with a lifetime of exactly the seconds asked, 8 phases of 10 lost the data early."""
+        store = bare.store
+        lost: list[str] = []
+
+        def work(phase: int) -> None:
+            time.sleep((phase / 10 - time.time()) % 1)  # start at this tenth of a second
+            began = time.time()
+            store.set_value(f"phase{phase}", b"x", ttl=1)
+            store.add(client_key(CLIENT, f"phase{phase}"), 1, ttl=1)
+            time.sleep(max(0.0, began + 0.9 - time.time()))
+            if store.get_value(f"phase{phase}") is None:
+                lost.append(f"value written at .{phase}")
+            if store.get(client_key(CLIENT, f"phase{phase}")) != 1:
+                lost.append(f"counter written at .{phase}")
+
+        run_threads(work, 10)
+        assert lost == []
+
 
 class WindowContract(ContractBase):
     """``WindowSupport``: a counter whose lifetime is set by its first step and kept by the others (the
@@ -498,10 +528,9 @@ class WindowContract(ContractBase):
 
     @pytest.fixture
     def window_store(self, bare):
-        if not isinstance(bare.store, WindowSupport):
-            pytest.skip(f"the {bare.store.backend} store has no native fixed window (values instead)")
         return bare.store
 
+    @needs(lambda store: issubclass(store, WindowSupport), "a native fixed window")
     def test_a_window_keeps_the_end_its_first_step_set(self, window_store):
         before = time.time()
         value, ends = window_store.add_in_window("@rl.w", 1, 60)
@@ -514,6 +543,19 @@ class WindowContract(ContractBase):
         assert window_store.names(100) == [] and window_store.counts(100) == []  # never listed
         assert window_store.delete("@rl.w") is True and window_store.read_window("@rl.w") is None
 
+    @needs(lambda store: issubclass(store, WindowSupport), "a native fixed window")
+    def test_a_window_ends_when_its_length_has_passed(self, window_store):
+        """To the millisecond, not rounded up to a whole second: a 1 s window (limits' "1 per
+        second") lasted 1.1-1.99 s when the end was kept in whole seconds."""
+        began = time.time()
+        value, ends = window_store.add_in_window("@rl.second", 1, 1.0)
+        assert value == 1 and began + 1.0 <= ends <= time.time() + 1.0 + 0.002
+        assert window_store.read_window("@rl.second")[1] == pytest.approx(ends, abs=0.002)
+        time.sleep(max(0.0, ends + 0.02 - time.time()))
+        assert window_store.read_window("@rl.second") is None
+        assert window_store.add_in_window("@rl.second", 1, 1.0)[0] == 1
+
+    @needs(lambda store: issubclass(store, WindowSupport), "a native fixed window")
     def test_an_ended_window_starts_again(self, window_store):
         window_store.add_in_window("@rl.brief", 3, 0.5)
         time.sleep(1.6)  # past the end, even rounded up to the whole second
@@ -521,12 +563,14 @@ class WindowContract(ContractBase):
         value, ends = window_store.add_in_window("@rl.brief", 1, 30)
         assert value == 1 and ends > time.time() + 29
 
+    @needs(lambda store: issubclass(store, WindowSupport), "a native fixed window")
     def test_a_window_step_past_the_range_is_an_overflow(self, window_store):
         window_store.add_in_window("@rl.big", type(window_store).max_value, 60)
         with pytest.raises(Overflow):
             window_store.add_in_window("@rl.big", 1, 60)
         assert window_store.read_window("@rl.big")[0] == type(window_store).max_value
 
+    @needs(lambda store: issubclass(store, WindowSupport), "a native fixed window")
     def test_concurrent_window_steps_are_exact(self, bare, window_store):
         seen: list[int] = []
         lock = threading.Lock()

@@ -144,7 +144,7 @@ def test_an_outage_under_load_answers_503_and_never_a_wrong_value(tmp_path, back
         assert max(report.values) <= final <= report.sent
     finally:
         server.stop()
-        store.stop()
+        store.remove()
 
 
 def test_a_memcached_restart_answers_503_then_serves_again(tmp_path):
@@ -172,7 +172,7 @@ def test_a_memcached_restart_answers_503_then_serves_again(tmp_path):
         assert status_of(f"{server.url}/api/counters/m")[1]["value"] == 0
     finally:
         server.stop()
-        store.stop()
+        store.remove()
 
 
 @pytest.mark.parametrize("kind", ["hang", "stop"])

@@ -10,6 +10,7 @@ the count does catch the race.  Through HTTP, the demo under gunicorn 4x4 on eve
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,9 +25,11 @@ from limits.strategies import STRATEGIES
 import tally
 from tally.ratelimits import LIMIT_MARK, TallyStorage, limit_key
 from tests.conftest import BACKENDS, SHARED_BACKENDS, settings_env, store_of
-from tests.servers import ROOT, Redis, free_port
+from tests.servers import ROOT, Memcached, Redis, free_port
 from tests.store_contract import CONTRACT_TIMEOUT, bare_app
 
+#: make stress runs the hammer this many rounds per store (make test: 1).
+STRESS_ROUNDS = int(os.environ.get("TALLY_STRESS_ROUNDS", "1"))
 HOSTILE_KEYS = ["x" * 5000, "clé/ünïcødé/ключ", "../../etc/passwd", "a/b/../c", "..", "", " ", "@rl.x"]
 
 
@@ -232,9 +235,59 @@ def hammer(settings: dict, storage: str, processes: int, threads: int, limit: in
     return json.loads(done.stdout)
 
 
+@pytest.mark.parametrize("backend", ["memcached", "redis"])
+def test_a_moving_window_keeps_its_hits_whatever_the_phase_of_the_stores_clock(bare):
+    """ "10 per 2 seconds": 5 hits, then 1.8 s later 5 more pass and the 11th is refused, whichever
+    tenth of a second the first hits came in.  memcached drops an item up to a second before its
+    lifetime counted from when it was stored: the first 5 hits were gone in 8 phases of 10, and an
+    11th hit passed."""
+    storage = storage_from_string("tally://", counters=bare.counters)
+    limit = parse("10 per 2 second")
+    passed: dict[int, list[bool]] = {}
+
+    def phase(tenth: int) -> None:
+        with bare.app.app_context():
+            limiter = STRATEGIES["moving-window"](storage)
+            time.sleep((tenth / 10 - time.time()) % 1)
+            began = time.time()
+            first = [limiter.hit(limit, "phase", str(tenth)) for _ in range(5)]
+            time.sleep(max(0.0, began + 1.8 - time.time()))
+            passed[tenth] = first + [limiter.hit(limit, "phase", str(tenth)) for _ in range(6)]
+
+    with ThreadPoolExecutor(10) as pool:
+        list(pool.map(phase, range(10)))
+    assert passed == {tenth: [True] * 10 + [False] for tenth in range(10)}
+
+
+def test_a_moving_window_too_large_for_memcached_is_refused_not_an_outage(store_settings, tmp_path):
+    """A moving window keeps an entry per separate hit in one item: enough of them outgrow
+    memcached's item size (1 MiB by default; 2 KiB for this server).  The server is up: the error
+    says so and names the limit, and it is no StoreUnavailable (which is logged as an outage and
+    answered 503).  A hit of any cost is one entry: limits' own test of a cost of 999,999 passes."""
+    server = Memcached(item_size=2048).start()
+    try:
+        settings = {**store_settings("memcached"), "CACHE_MEMCACHED_SERVERS": [server.address]}
+        made = bare_app(settings, {"COUNTER_TIMEOUT": CONTRACT_TIMEOUT}, str(tmp_path / "i"))
+        with made:
+            storage = storage_from_string("tally://", counters=made.counters)
+            limiter = STRATEGIES["moving-window"](storage)
+            limit = parse("1000000 per hour")
+            assert limiter.hit(limit, "costly", cost=999_999)  # one entry, whatever the cost
+            with pytest.raises(tally.StoreRefused, match=r"moving window of 1000000 hits") as refused:
+                for _ in range(200):  # 200 separate hits: 2.4 KB
+                    limiter.hit(limit, "many")
+            assert not isinstance(refused.value, tally.StoreUnavailable)
+            assert "too large" in str(refused.value)
+            assert limiter.hit(limit, "another")  # the store is up
+        made.store.close()
+    finally:
+        server.remove()
+
+
 @pytest.mark.slow  # 4 processes x 8 threads: CPU load, run with the other load tests
+@pytest.mark.parametrize("round_", range(STRESS_ROUNDS))
 @pytest.mark.parametrize("backend", list(BACKENDS))
-def test_every_strategy_passes_exactly_the_limit_under_contention(store_settings, backend):
+def test_every_strategy_passes_exactly_the_limit_under_contention(store_settings, backend, round_):
     """4 processes x 8 threads (one process on the memory store), each thread 8 hits of each strategy
     against one "50 per hour" limit: 50 pass, on every store."""
     processes = 4 if store_of(backend).multi_process else 1

@@ -18,7 +18,14 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from .. import metrics
-from ..errors import Conflict, CorruptCounter, Overflow, ReplicationUnconfirmed, StoreUnavailable
+from ..errors import (
+    Conflict,
+    CorruptCounter,
+    Overflow,
+    ReplicationUnconfirmed,
+    StoreRefused,
+    StoreUnavailable,
+)
 from .base import (
     VALUE_RETRIES,
     CounterStore,
@@ -174,6 +181,8 @@ class RedisCounterStore(CounterStore, SessionStorage, WindowSupport):
             yield
         except (redis.ConnectionError, redis.TimeoutError) as error:
             raise StoreUnavailable(f"{self.backend} {self.where()}: {error}") from error
+        except redis.exceptions.OutOfMemoryError as error:  # it answered: up, but over its maxmemory
+            raise StoreRefused(f"{self.backend} {self.where()}: out of memory: {error}") from error
         except redis.ResponseError as error:
             message = str(error)
             if "overflow" in message:

@@ -7,8 +7,8 @@ counters, and the shared values delegated to ``values.ValueFiles``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
-import math
 import os
 import threading
 import time
@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from ...errors import ConfigError, CorruptCounter, StoreUnavailable
+from ...errors import ConfigError, CorruptCounter, StoreRefused, StoreUnavailable
 from ..base import CounterStore, WindowSupport, counter_name, log
 from .records import GONE, RECORD, TEMP_PREFIX, open_counter_file, pack_record, unpack_record
 from .sweep import sweep_directory
@@ -211,11 +211,11 @@ class FileCounterStore(CounterStore, WindowSupport):
 
     # -- records -----------------------------------------------------------------------------------
 
-    def _read(self, fd: int, key: str) -> tuple[int, int] | None:
+    def _read(self, fd: int, key: str) -> tuple[int, float] | None:
         """``(value, expires_at)`` of a live record, ``None`` for a tombstone."""
         return unpack_record(os.pread(fd, RECORD.size + 1, 0), key, self._path(key))
 
-    def _read_settled(self, fd: int, key: str) -> tuple[int, int] | None:
+    def _read_settled(self, fd: int, key: str) -> tuple[int, float] | None:
         """``_read`` without a lock; a read racing another process's write may see a torn record, so
         a record that fails its checks is read again under a shared lock before it is called
         damaged (``CorruptCounter``)."""
@@ -229,22 +229,22 @@ class FileCounterStore(CounterStore, WindowSupport):
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _write(self, fd: int, value: int, ttl: int | None) -> None:
-        self._write_record(fd, value, int(time.time()) + ttl + 1 if ttl else 0)
+        self._write_record(fd, value, time.time() + ttl if ttl else 0)
 
-    def _write_record(self, fd: int, value: int, expires_at: int) -> None:
+    def _write_record(self, fd: int, value: int, expires_at: float) -> None:
         os.pwrite(fd, pack_record(value, expires_at), 0)
         if self.fsync:
             os.fdatasync(fd)
 
     @staticmethod
-    def _is_expired(record: tuple[int, int]) -> bool:
+    def _is_expired(record: tuple[int, float]) -> bool:
         return bool(record[1]) and record[1] <= time.time()
 
     @classmethod
-    def _live_value(cls, record: tuple[int, int] | None) -> int:
+    def _live_value(cls, record: tuple[int, float] | None) -> int:
         return 0 if record is None or cls._is_expired(record) else record[0]
 
-    def _locked(self, key: str, create: bool, step: Callable[[int | None, tuple[int, int] | None], T]) -> T:
+    def _locked(self, key: str, create: bool, step: Callable[[int | None, tuple[int, float] | None], T]) -> T:
         """Run ``step(fd, record)`` holding the thread lock and the ``flock`` of the counter's file.
 
         ``fd`` and ``record`` are ``None`` when the file does not exist and ``create`` is false.
@@ -268,12 +268,14 @@ class FileCounterStore(CounterStore, WindowSupport):
                         if not handle.closed:
                             fcntl.flock(handle.fd, fcntl.LOCK_UN)
         except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreRefused(f"counter directory {self.directory}: {error}") from error
             raise StoreUnavailable(f"counter directory {self.directory}: {error}") from error
 
     # -- the contract ------------------------------------------------------------------------------
 
     def add(self, key: str, delta: int, ttl: int | None = None) -> int:
-        def step(fd: int | None, record: tuple[int, int] | None) -> int:
+        def step(fd: int | None, record: tuple[int, float] | None) -> int:
             new = self.check_range(self._live_value(record) + delta)
             assert fd is not None
             self._write(fd, new, ttl)
@@ -285,18 +287,18 @@ class FileCounterStore(CounterStore, WindowSupport):
         return result
 
     def add_in_window(self, key: str, delta: int, window: float) -> tuple[int, float]:
-        """One record step under the lock, as ``add``: the record's expiry is the window's end,
-        rounded up to the whole second; written only when the window starts."""
+        """One record step under the lock, as ``add``: the record's expiry is the window's end, to
+        the millisecond; set when the window starts, kept by every later step."""
 
-        def step(fd: int | None, record: tuple[int, int] | None) -> tuple[int, float]:
+        def step(fd: int | None, record: tuple[int, float] | None) -> tuple[int, float]:
             assert fd is not None
             if record is None or not record[1] or self._is_expired(record):
-                value, ends = 0, math.ceil(time.time() + window)
+                value, ends = 0, time.time() + window
             else:
                 value, ends = record
             new = self.check_range(value + delta)
             self._write_record(fd, new, ends)
-            return new, float(ends)
+            return new, ends
 
         result = self._locked(key, True, step)
         self._maybe_sweep()
@@ -306,12 +308,12 @@ class FileCounterStore(CounterStore, WindowSupport):
         record = self._record(key)
         if record is None or not record[1] or self._is_expired(record):
             return None
-        return record[0], float(record[1])
+        return record[0], record[1]
 
     def get(self, key: str, ttl: int | None = None) -> int:
         return self._renew(key, ttl) if ttl else self._live_value(self._record(key))
 
-    def _record(self, key: str) -> tuple[int, int] | None:
+    def _record(self, key: str) -> tuple[int, float] | None:
         """``(value, expires_at)`` of ``key``'s record, read without the lock; ``None`` when missing."""
         try:
             while True:
@@ -327,12 +329,14 @@ class FileCounterStore(CounterStore, WindowSupport):
                         continue
                     return record
         except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreRefused(f"counter directory {self.directory}: {error}") from error
             raise StoreUnavailable(f"counter directory {self.directory}: {error}") from error
 
     def _renew(self, key: str, ttl: int) -> int:
         """Read under the lock and, if the record is live, write it back with a new expiry."""
 
-        def step(fd: int | None, record: tuple[int, int] | None) -> int:
+        def step(fd: int | None, record: tuple[int, float] | None) -> int:
             if fd is None or record is None or self._is_expired(record):
                 return 0
             self._write(fd, record[0], ttl)
@@ -343,14 +347,14 @@ class FileCounterStore(CounterStore, WindowSupport):
     def set(self, key: str, value: int, ttl: int | None = None) -> None:
         self.check_range(value)
 
-        def step(fd: int | None, _record: tuple[int, int] | None) -> None:
+        def step(fd: int | None, _record: tuple[int, float] | None) -> None:
             assert fd is not None
             self._write(fd, value, ttl)
 
         self._locked(key, True, step)
 
     def delete(self, key: str) -> bool:
-        def step(fd: int | None, record: tuple[int, int] | None) -> bool:
+        def step(fd: int | None, record: tuple[int, float] | None) -> bool:
             if fd is None or record is None:
                 return False
             self._unlink_locked(key, fd)
@@ -372,6 +376,8 @@ class FileCounterStore(CounterStore, WindowSupport):
         try:
             yield
         except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreRefused(f"counter directory {self.directory}: {error}") from error
             raise StoreUnavailable(f"counter directory {self.directory}: {error}") from error
 
     def get_value(self, key: str) -> bytes | None:
@@ -421,10 +427,12 @@ class FileCounterStore(CounterStore, WindowSupport):
                         if record is not None:
                             found.append((entry.name, record[0]))
         except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreRefused(f"counter directory {self.directory}: {error}") from error
             raise StoreUnavailable(f"counter directory {self.directory}: {error}") from error
         return found
 
-    def _live_record(self, key: str) -> tuple[int, int] | None:
+    def _live_record(self, key: str) -> tuple[int, float] | None:
         """The record of counter file ``key`` when it exists and is live, unexpired and undamaged;
         else ``None``.  Opened read-only and closed again: listing many counters does not churn the
         descriptor cache."""

@@ -6,6 +6,7 @@ per-client rows, the sweeps, and the shared values' row lock.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from sqlalchemy import (
@@ -34,7 +35,7 @@ counters_table = Table(
     metadata,
     Column("name", String(255), primary_key=True),  # a counter name, or "@<client id>.<name>"
     Column("value", BigInteger, nullable=False),
-    Column("expires_at", BigInteger, nullable=True),  # unix seconds; NULL: never (shared counters)
+    Column("expires_at", BigInteger, nullable=True),  # unix milliseconds; NULL: never (shared counters)
     Index("tally_counters_expires_at", "expires_at"),
 )
 
@@ -45,6 +46,25 @@ values_table = Table(
     Column("data", LargeBinary, nullable=True),  # NULL: a row made only to be locked; reads as missing
     Column("expires_at", BigInteger, nullable=True),
 )
+
+#: ``expires_at`` held unix seconds before it held milliseconds: no time in milliseconds since 1973
+#: is below this, and no time in seconds before the year 5138 reaches it.
+SECONDS_BELOW = 10**11
+
+
+def now_ms() -> int:
+    """Now, in the unit of every ``expires_at``: unix milliseconds."""
+    return int(time.time() * 1000)
+
+
+def expiries_to_milliseconds() -> list[Any]:
+    """The statements that turn expiries written in seconds into milliseconds; a row already in
+    milliseconds is left alone, so they may run any number of times, from several processes."""
+    return [
+        update(table).where(table.c.expires_at < SECONDS_BELOW).values(expires_at=table.c.expires_at * 1000)
+        for table in (counters_table, values_table)
+    ]
+
 
 #: The statements that only read (every other one takes SQLite's write lock).
 READS = frozenset({"read", "counts", "get_value", "window_read"})

@@ -39,7 +39,7 @@ from .connections import (
     take_warnings,
 )
 from .engines import CALL_DEADLINE, DEFAULT_DATABASE_URI, database_uri, postgresql_engine, sqlite_engine
-from .schema import MAX_PREFIX, READS, metadata, statements
+from .schema import MAX_PREFIX, READS, expiries_to_milliseconds, metadata, now_ms, statements
 
 SQLITE_BUSY, SQLITE_LOCKED = 5, 6
 
@@ -307,7 +307,7 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
     def _run(self, statement: str, /, **params: Any) -> list[Any]:
         """Run one of the store's statements (one autocommitted step) and return its rows."""
         self._ensure_schema()
-        params["now"] = int(time.time())
+        params["now"] = now_ms()
         began = time.monotonic()
         with self._cursor(write=statement not in READS) as cursor:
             self._execute(cursor, began, statement, params)
@@ -350,12 +350,15 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
                 self._schema_ready = True
 
     def create_schema(self) -> None:
-        """``CREATE TABLE`` for whichever tables are missing; safe to run from several processes at
-        once (one that loses the race to create a table checks again and finds it)."""
+        """``CREATE TABLE`` for whichever tables are missing, and expiries a version before this one
+        wrote in seconds turned into milliseconds; safe to run from several processes at once (one
+        that loses the race to create a table checks again and finds it)."""
         for attempt in range(3):
             try:
                 with self._connection(write=True) as connection:
                     metadata.create_all(connection, checkfirst=True)
+                    for statement in expiries_to_milliseconds():
+                        connection.execute(statement)
                 return
             except StoreUnavailable as error:
                 if attempt == 2 or not isinstance(error.__cause__, exc.DBAPIError):
@@ -363,8 +366,10 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
 
     # -- counters --------------------------------------------------------------------------------------
 
-    def _expires_at(self, ttl: int | None) -> int | None:
-        return int(time.time()) + ttl + 1 if ttl else None
+    @staticmethod
+    def _expires_at(ttl: float | None) -> int | None:
+        """The ``expires_at`` of a row that must live at least ``ttl`` seconds: unix milliseconds."""
+        return math.ceil((time.time() + ttl) * 1000) if ttl else None
 
     def _step(self, statement: str, key: str, delta: int, expires_at: int | None) -> list[Any]:
         """Run a counter step (``step`` or ``window_step``) and return its one row: the bounds are
@@ -388,13 +393,14 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
         return int(self._step("step", key, delta, self._expires_at(ttl))[0])
 
     def add_in_window(self, key: str, delta: int, window: float) -> tuple[int, float]:
-        """One upsert, as ``add``: a live row keeps its ``expires_at`` (whole seconds, rounded up)."""
-        value, ends = self._step("window_step", key, delta, math.ceil(time.time() + window))
-        return int(value), float(ends)
+        """One upsert, as ``add``: a live row keeps its ``expires_at`` (the window's end, to the
+        millisecond)."""
+        value, ends = self._step("window_step", key, delta, self._expires_at(window))
+        return int(value), ends / 1000
 
     def read_window(self, key: str) -> tuple[int, float] | None:
         rows = self._run("window_read", name=self.key_prefix + key)
-        return (int(rows[0][0]), float(rows[0][1])) if rows else None
+        return (int(rows[0][0]), rows[0][1] / 1000) if rows else None
 
     def get(self, key: str, ttl: int | None = None) -> int:
         if ttl:
@@ -409,7 +415,7 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
 
     def delete(self, key: str) -> bool:
         rows = self._run("delete", name=self.key_prefix + key)
-        return bool(rows) and (rows[0][0] is None or rows[0][0] > time.time())
+        return bool(rows) and (rows[0][0] is None or rows[0][0] > now_ms())
 
     def names(self, limit: int) -> list[str]:
         return [name for name, _ in self.counts(limit)]
@@ -443,7 +449,7 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
 
     def delete_value(self, key: str) -> bool:
         rows = self._run("delete_value", key=self.key_prefix + key)
-        return bool(rows) and rows[0][0] is not None and (rows[0][1] is None or rows[0][1] > time.time())
+        return bool(rows) and rows[0][0] is not None and (rows[0][1] is None or rows[0][1] > now_ms())
 
     def update_value(
         self, key: str, change: Callable[[bytes | None], bytes], ttl: int | None = None
@@ -463,7 +469,7 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
         self, key: str, change: Callable[[bytes | None], bytes], ttl: int | None, begin: str
     ) -> bytes:
         began = time.monotonic()
-        params = {"key": self.key_prefix + key, "now": int(time.time())}
+        params = {"key": self.key_prefix + key, "now": now_ms()}
         with self._cursor(write=True) as cursor:
             self._sent.in_transaction = True
             self._execute(cursor, began, begin)

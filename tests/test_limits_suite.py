@@ -1,0 +1,125 @@
+"""limits' own tests of its storages pass on ``tally://``, on every store.
+
+The tests come from the sdist of the limits release installed here (the lock's, in ``make test``),
+downloaded from PyPI at test time and checked against the index's SHA-256; nothing of them is kept
+in this repository.  Taken: ``tests/test_strategy.py`` (the three strategies),
+``tests/test_storage.py::TestConcreteStorages`` and ``tests/integration/test_concurrency.py``.
+``tests/limits_suite_conftest.py`` replaces only their storage parametrisation (and their
+``pytest.ini``'s plugin options: coverage, asyncio).  Each store's run is a pytest process of its
+own, all started together: the tests mostly wait for windows to pass.
+
+Skipped by limits' own rules, and why that is right for ``tally://``:
+``test_storage_reset`` (``reset()`` is optional in limits' interface: a store cannot list its limit
+keys apart from everything else, as limits' memcached storage cannot).
+"""
+
+from __future__ import annotations
+
+import configparser
+import hashlib
+import importlib.metadata
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import VARIANTS
+from tests.limits_suite_conftest import DECLINED
+
+HERE = Path(__file__).resolve().parent
+SIMPLE_INDEX = "https://pypi.org/simple/limits/"
+SUITE = (
+    "tests/test_strategy.py",
+    "tests/test_storage.py::TestConcreteStorages",
+    "tests/integration/test_concurrency.py",
+)
+RUN_TIMEOUT = 300
+
+
+def download_sdist(version: str) -> bytes:
+    """limits' sdist of ``version`` from PyPI's simple index (JSON form), its SHA-256 checked."""
+    request = urllib.request.Request(SIMPLE_INDEX, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        files = json.load(answer)["files"]
+    (entry,) = [file for file in files if file["filename"] == f"limits-{version}.tar.gz"]
+    with urllib.request.urlopen(entry["url"], timeout=120) as answer:
+        data = answer.read()
+    assert hashlib.sha256(data).hexdigest() == entry["hashes"]["sha256"], "limits' sdist fails its hash"
+    return data
+
+
+@pytest.fixture(scope="module")
+def limits_tests(tmp_path_factory) -> Path:
+    """The unpacked sdist, its conftest replaced by ours and its pytest.ini kept but for plugins."""
+    version = importlib.metadata.version("limits")
+    root = tmp_path_factory.mktemp("limits-sdist")
+    with tarfile.open(fileobj=io.BytesIO(download_sdist(version))) as archive:
+        archive.extractall(root, filter="data")
+    source = root / f"limits-{version}"
+    (source / "tests" / "conftest.py").write_text((HERE / "limits_suite_conftest.py").read_text())
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read(source / "pytest.ini")
+    for option in ("addopts", "asyncio_mode"):  # pytest-cov and pytest-asyncio are not installed here
+        ini.remove_option("pytest", option)
+    ini["pytest"]["markers"] += "\nflaky: limits reruns these elsewhere; here a flake is a failure"
+    ini["pytest"]["markers"] += "\nasyncio: limits' asyncio tests, left out here"
+    with open(source / "pytest.ini", "w") as out:
+        ini.write(out)
+    return source
+
+
+def start_run(source: Path, variant: str, settings: dict, basetemp: Path) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "TALLY_SUITE_VARIANT": variant,
+        "TALLY_SUITE_SETTINGS": json.dumps(settings),
+        "PYTHONPATH": str(source),
+    }
+    env.pop("PYTEST_XDIST_WORKER", None)
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q", "-rfEs"]
+    command += [f"--basetemp={basetemp}", *SUITE]
+    return subprocess.Popen(
+        command, cwd=source, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def outcome(output: str) -> tuple[dict[str, int], list[str]]:
+    """The counts of pytest's closing line, and the names of the tests it skipped."""
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|error|errors)", output)}
+    skipped = re.findall(r"^SKIPPED \[\d+\] (\S+?):\d+: (.*)$", output, re.MULTILINE)
+    return counts, [f"{where}: {why}" for where, why in skipped]
+
+
+@pytest.mark.light
+def test_limits_own_storage_tests_pass_on_every_store(limits_tests, store_settings, tmp_path):
+    settings = {variant: store_settings(variant) for variant in VARIANTS}  # every server up first
+    runs: dict[str, subprocess.Popen] = {}
+    try:
+        for variant in VARIANTS:
+            runs[variant] = start_run(limits_tests, variant, settings[variant], tmp_path / variant)
+        problems = [problem for variant, run in runs.items() if (problem := judge(variant, run))]
+    finally:
+        for run in runs.values():
+            run.kill()
+            run.wait()
+    assert problems == [], "\n\n".join(problems)
+
+
+def judge(variant: str, run: subprocess.Popen) -> str | None:
+    """What is wrong with one store's run: no result in time, a failure, or a skip not declared."""
+    try:
+        output, _ = run.communicate(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return f"{variant}: no result within {RUN_TIMEOUT} s"
+    counts, skipped = outcome(output)
+    unexpected = [line for line in skipped if not any(reason in line for reason in DECLINED.values())]
+    if run.returncode != 0 or counts.get("passed", 0) < 25 or unexpected:
+        return f"{variant}: exit {run.returncode}, {counts}\n{output[-6000:]}"
+    return None
