@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 ALL_EXTRAS := demo,memcached,redis,sql,limits,gevent,charts,docs,test
 # The test tools stay at the lock in test-oldest: the lowest versions are a promise of the library's.
-TOOLS := pytest|pytest-xdist|ruff|mypy|selenium|hypothesis|sphinx|myst-parser|gevent|uv|pip|setuptools
+TOOLS := pytest|pytest-xdist|pytest-lazy-fixtures|ruff|mypy|selenium|hypothesis|sphinx|myst-parser|gevent|uv|pip|setuptools
 LOCK_OPTIONS := --universal --python-version 3.11 -q
 # The project installs editable, built by the locked setuptools in the venv itself; uv's build lock
 # file goes in the venv, not in /tmp.
@@ -77,7 +77,7 @@ servers:
 # light, a server but no timing, stay out of it), everything else on the other.  pytest stays below
 # 9.2 until pytest-xdist honours groups there (#1386); a run that loses them stops at collection.
 # TALLY_LOCK: tests/test_lock.py checks that the venv holds exactly that lock.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 PYTEST_ARGS = $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 test: $(VENV)/.test servers
 	TALLY_LOCK=requirements/dev.txt $(PY) -m pytest $(PYTEST_ARGS)
@@ -103,12 +103,17 @@ test-oldest: $(UV) servers
 # The long runs of the race tests: every keep-alive shared-set round 30 times, on fresh gunicorn;
 # the Redis failover and partition under load 10 times per topology, each on a fresh topology; the
 # PostgreSQL failover and partition scenarios 10 times, each on a fresh primary and standby; every
-# shared store under every server model (32 cells; make test runs 8 of them).
+# shared store under every server model (32 cells; make test runs 8 of them), and every store under
+# each load test that make test runs on a few (tests.conftest.matrix); limits' own suite and
+# the rate-limit hammer (every strategy, 4 processes x 8 threads) 20 rounds on every store.
 stress: $(VENV)/.test servers
 	TALLY_STRESS_ROUNDS=$${TALLY_STRESS_ROUNDS:-30} $(PY) -m pytest -p no:randomly -x tests/test_concurrency.py -k keep_alive_clients
 	TALLY_STRESS_ROUNDS=$${TALLY_FAILOVER_ROUNDS:-10} $(PY) -m pytest -p no:randomly -x tests/test_redis_topologies.py -k "failover or partition"
 	TALLY_STRESS_ROUNDS=$${TALLY_FAILOVER_ROUNDS:-10} $(PY) -m pytest -p no:randomly -x tests/test_postgres_failover.py
-	TALLY_FULL_MATRIX=1 $(PY) -m pytest -p no:randomly -x tests/test_server_models.py
+	TALLY_FULL_MATRIX=1 $(PY) -m pytest -p no:randomly -x tests/test_server_models.py tests/test_concurrency.py \
+		tests/test_outages.py tests/test_gevent.py tests/test_ratelimits.py -k "not under_contention"
+	TALLY_STRESS_ROUNDS=$${TALLY_LIMIT_ROUNDS:-20} $(PY) -m pytest -p no:randomly -x tests/test_limits_suite.py \
+		tests/test_ratelimits.py -k "own_storage_tests or under_contention"
 
 bench: $(VENV)/.test servers
 	@# wrk drives the HTTP part; without it the bench falls back to (noisier) Python clients.

@@ -262,8 +262,12 @@ class TallyStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport, Ti
         return acquired
 
     def get_sliding_window(self, key: str, expiry: int) -> tuple[int, float, int, float]:
+        """The windows' hits and how long each still weighs, as of the moment the store answered:
+        limits adds these to its own ``time.time()``, taken right after this returns, so a slow
+        round trip does not shift the reset time it reports."""
+        data = self._read(self._store(), key)
         now = time.time()
-        _, previous, current = _windows(self._read(self._store(), key), now, expiry)
+        _, previous, current = _windows(data, now, expiry)
         previous_ttl = _previous_ttl(now, expiry) if previous else 0.0
         current_ttl = (1 - (now / expiry) % 1) * expiry + expiry
         return previous, previous_ttl, current, current_ttl

@@ -63,6 +63,15 @@ BACKENDS = {backend: cache_type_of(backend) for backend in VARIANTS}
 #: The backends several processes may share (every store but memory).
 SHARED_BACKENDS = [backend for backend in VARIANTS if store_of(backend).multi_process]
 SQL_BACKENDS = [backend for backend, store in VARIANTS.items() if store == "sql"]
+#: ``make stress`` sets it: the load tests that name a few stores with ``matrix`` run on every one.
+FULL_MATRIX = os.environ.get("TALLY_FULL_MATRIX") == "1"
+
+
+def matrix(every, *few):
+    """The cases a load test runs: ``few`` of them in ``make test``, chosen so that every store is
+    under several load tests, and ``every`` one in ``make stress``; ``make test`` has no time for
+    the whole matrix (each case starts gunicorn and drives thousands of requests)."""
+    return list(every) if FULL_MATRIX else list(few)
 
 
 def pytest_unconfigure(config):

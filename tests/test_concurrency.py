@@ -14,7 +14,7 @@ import threading
 import pytest
 
 from tally.loadcheck import run_load
-from tests.conftest import SHARED_BACKENDS, settings_env, under_load
+from tests.conftest import SHARED_BACKENDS, matrix, settings_env, under_load
 from tests.servers import Gunicorn
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def test_gunicorn_workers_and_threads_return_every_value_once(store_server, back
     assert report.exact(start=0)
 
 
-@pytest.mark.parametrize("backend", SHARED_BACKENDS)
+@pytest.mark.parametrize("backend", matrix(SHARED_BACKENDS, "filesystem", "redis", "postgresql"))
 def test_two_app_instances_on_one_store_return_every_value_once(serve, store_settings, backend):
     env = settings_env(store_settings(backend))
     first = serve(env, workers=2, threads=8)
@@ -189,7 +189,7 @@ def member_body(client: int, request: int) -> bytes:
 ALL_MEMBERS = sorted(f"client{c}-{r}" for c in range(CLIENTS) for r in range(20))
 
 
-@pytest.mark.parametrize("backend", SHARED_BACKENDS)
+@pytest.mark.parametrize("backend", matrix(SHARED_BACKENDS, "memcached", "sqlite", "redis-cluster"))
 def test_a_shared_set_keeps_every_member_under_concurrent_adds(store_server, backend):
     server = store_server
     report = run_load(
@@ -211,7 +211,7 @@ STRESS_ROUNDS = int(os.environ.get("TALLY_STRESS_ROUNDS", "1"))
 
 
 @pytest.mark.parametrize("round_", range(STRESS_ROUNDS))
-@pytest.mark.parametrize("backend", SHARED_BACKENDS)
+@pytest.mark.parametrize("backend", matrix(SHARED_BACKENDS, "filesystem", "redis-sentinel", "manager"))
 def test_a_shared_set_keeps_every_acknowledged_add_from_keep_alive_clients(
     serve, store_settings, backend, round_
 ):

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tally.loadcheck import run_load
-from tests.conftest import settings_env
+from tests.conftest import matrix, settings_env
 from tests.links import Link
 from tests.servers import Gunicorn, Manager, Memcached, Postgres, Redis
 
@@ -96,7 +96,7 @@ def assert_round_trips_overlap(url: str) -> None:
     assert fastest < one_at_a_time / 2, fastest  # measured: 0.21-0.29 s on an idle machine
 
 
-@pytest.mark.parametrize("backend", NETWORK_STORES)
+@pytest.mark.parametrize("backend", matrix(NETWORK_STORES, "redis", "manager"))
 def test_network_store_clients_wait_cooperatively_under_gevent(gevent_server, backend):
     """One gevent worker, a store 0.2 s away: 20 increments at once overlap their round trips.
 
@@ -159,7 +159,7 @@ def test_blocking_stores_stay_exact_without_deadlock_under_gevent(gevent_server,
     assert "Using worker: gevent" in server.log_text()
 
 
-@pytest.mark.parametrize("backend", NETWORK_STORES)
+@pytest.mark.parametrize("backend", matrix(NETWORK_STORES, "memcached", "postgresql"))
 def test_a_hung_store_answers_503_within_the_timeout_under_gevent(gevent_server, backend):
     """SIGSTOP on the store: 20 greenlets waiting on it each get a 503 within COUNTER_TIMEOUT (plus
     slack), not a hung worker; resumed, the counter serves again and kept its value."""

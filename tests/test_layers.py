@@ -13,7 +13,7 @@ import pytest
 
 TALLY = Path(__file__).resolve().parent.parent / "tally"
 #: The longest a module of the library may grow.
-MAX_LINES = 500
+MAX_LINES = 600
 
 
 def module_name(path: Path) -> str:
@@ -88,7 +88,7 @@ def test_stores_and_metrics_do_not_import_the_layers_above_them():
             assert not targets & above, (name, targets & above)
 
 
-def test_no_module_of_the_library_is_over_500_lines():
+def test_no_module_of_the_library_is_over_600_lines():
     long = {
         name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES
     }

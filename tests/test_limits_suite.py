@@ -97,8 +97,13 @@ def outcome(output: str) -> tuple[dict[str, int], list[str]]:
     return counts, [f"{where}: {why}" for where, why in skipped]
 
 
+#: make stress runs the suite this many rounds (make test: 1), each on fresh keys.
+STRESS_ROUNDS = int(os.environ.get("TALLY_STRESS_ROUNDS", "1"))
+
+
 @pytest.mark.light
-def test_limits_own_storage_tests_pass_on_every_store(limits_tests, store_settings, tmp_path):
+@pytest.mark.parametrize("round_", range(STRESS_ROUNDS))
+def test_limits_own_storage_tests_pass_on_every_store(limits_tests, store_settings, tmp_path, round_):
     settings = {variant: store_settings(variant) for variant in VARIANTS}  # every server up first
     runs: dict[str, subprocess.Popen] = {}
     try:

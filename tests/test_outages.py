@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from tally.loadcheck import run_load
-from tests.conftest import settings_env
+from tests.conftest import matrix, settings_env
 from tests.servers import Gunicorn, Memcached, Redis
 
 pytestmark = pytest.mark.slow
@@ -103,10 +103,10 @@ def load_through(server: Gunicorn, outage, recovery, result: dict) -> None:
     driver.join(timeout=60)
 
 
-@pytest.mark.parametrize(
-    "backend,kind",
-    [("memcached", "hang"), ("redis", "hang"), ("redis", "stop"), ("memcached", "stop")],
-)
+OUTAGES = [("memcached", "hang"), ("redis", "hang"), ("redis", "stop"), ("memcached", "stop")]
+
+
+@pytest.mark.parametrize("backend,kind", matrix(OUTAGES, ("memcached", "hang"), ("redis", "stop")))
 def test_an_outage_under_load_answers_503_and_never_a_wrong_value(tmp_path, backend, kind):
     """Six seconds of load; the store hangs (SIGSTOP) or is killed and started again on its port
     for two of them.  Only 200s and 503s, none slower than twice the timeout plus the machine's own

@@ -24,7 +24,7 @@ from limits.strategies import STRATEGIES
 
 import tally
 from tally.ratelimits import LIMIT_MARK, TallyStorage, limit_key
-from tests.conftest import BACKENDS, SHARED_BACKENDS, settings_env, store_of
+from tests.conftest import BACKENDS, SHARED_BACKENDS, matrix, settings_env, store_of
 from tests.servers import ROOT, Memcached, Redis, free_port
 from tests.store_contract import CONTRACT_TIMEOUT, bare_app
 
@@ -333,7 +333,7 @@ def limited_env(settings: dict, **extra: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", SHARED_BACKENDS)
+@pytest.mark.parametrize("backend", matrix(SHARED_BACKENDS, "memcached", "sqlite", "redis"))
 def test_a_limit_holds_across_gunicorn_workers(serve, store_settings, backend):
     server = serve(limited_env(store_settings(backend)), workers=4, threads=4)
     statuses = post_concurrently(f"{server.url}/api/counters/lim/incr", 120)
