@@ -72,9 +72,10 @@ servers:
 		echo "  Debian: sudo apt-get install memcached redis-server postgresql chromium chromium-driver"; exit 1; \
 	fi
 
-# Two pytest-xdist workers by default: the load tests (gunicorn, development servers, the limits
+# Three pytest-xdist workers by default: the load tests (gunicorn, development servers, the limits
 # hammer) one at a time on one of them (tests/conftest.py puts them in one xdist group; tests marked
-# light, a server but no timing, stay out of it), everything else on the other.  pytest stays below
+# light, a server but no timing, stay out of it), everything else on the others, many of whose tests
+# wait (lifetimes, windows) more than they compute.  pytest stays below
 # 9.2 until pytest-xdist honours groups there (#1386); a run that loses them stops at collection.
 # TALLY_LOCK: tests/test_lock.py checks that the venv holds exactly that lock.
 TEST_WORKERS ?= 3

@@ -8,6 +8,7 @@ while the shared hit count rises for both; with JavaScript (in place) and withou
 from __future__ import annotations
 
 import os
+import tempfile
 import shutil
 
 import pytest
@@ -32,7 +33,7 @@ FLAGS = [
 
 
 @pytest.fixture
-def open_browser(tmp_path):
+def open_browser():
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         pytest.fail("chromium and chromedriver are needed: `make test` installs them (Debian packages)")
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not try to download anything
@@ -41,28 +42,33 @@ def open_browser(tmp_path):
     from selenium.webdriver.chrome.service import Service
 
     drivers = []
+    # The profiles, and what Chromium and chromedriver leave in TMPDIR, in one folder removed after
+    # the test.  A short path: Chromium's singleton socket lives there, and a socket's path may not
+    # pass 107 bytes (under tmp_path, Chromium did not start).
+    folder = tempfile.mkdtemp(prefix="chromium-")
 
     def start(javascript: bool = True):
         options = Options()
         options.binary_location = CHROMIUM
         for flag in FLAGS:
             options.add_argument(flag)
-        # The profile, and what Chromium and chromedriver put in TMPDIR, go with the test's tmp_path.
-        profile = tmp_path / f"chromium-{len(drivers)}"
-        options.add_argument(f"--user-data-dir={profile}")
+        options.add_argument(f"--user-data-dir={os.path.join(folder, f'profile-{len(drivers)}')}")
         if not javascript:
             options.add_experimental_option(
                 "prefs", {"profile.managed_default_content_settings.javascript": 2}
             )
-        service = Service(CHROMEDRIVER, env={**os.environ, "TMPDIR": str(tmp_path)})
+        service = Service(CHROMEDRIVER, env={**os.environ, "TMPDIR": folder})
         driver = webdriver.Chrome(service=service, options=options)
         driver.set_page_load_timeout(30)
         drivers.append(driver)
         return driver
 
-    yield start
-    for driver in drivers:
-        driver.quit()
+    try:
+        yield start
+    finally:
+        for driver in drivers:
+            driver.quit()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def number(driver, element_id: str) -> int:

@@ -63,6 +63,35 @@ def test_sqlite_never_turns_an_overflow_into_a_real(sqlite_store, tmp_path):
     assert sqlite_store.add("top", -INT64_MAX) == 0
 
 
+def test_expiries_written_in_seconds_are_read_as_milliseconds_after_an_upgrade(tmp_path):
+    """Expiries were unix seconds before they were milliseconds: a store that starts converts the
+    rows an earlier version wrote, once, and leaves the rest alone."""
+    url = f"sqlite:///{tmp_path / 'tally.db'}"
+    first = SqlCounterStore(url, key_prefix="t:", timeout=TIMEOUT)
+    first.add("@c.new", 2, ttl=3600)  # milliseconds
+    first.set_value("v", b"x", ttl=3600)
+    first.close()
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO tally_counters VALUES ('t:@c.old', 5, :at)"), {"at": int(time.time()) + 3600}
+        )
+        connection.execute(
+            text("INSERT INTO tally_values VALUES ('t:old', x'79', :at)"), {"at": int(time.time()) + 60}
+        )
+    upgraded = SqlCounterStore(url, key_prefix="t:", timeout=TIMEOUT)
+    try:
+        assert upgraded.get("@c.old") == 5 and upgraded.get("@c.new") == 2
+        assert upgraded.get_value("old") == b"y" and upgraded.get_value("v") == b"x"
+        with engine.begin() as connection:
+            ends = dict(connection.execute(text("SELECT name, expires_at FROM tally_counters")).all())
+        assert ends["t:@c.old"] == pytest.approx((time.time() + 3600) * 1000, abs=5000)
+        assert ends["t:@c.new"] == pytest.approx((time.time() + 3600) * 1000, abs=5000)
+    finally:
+        upgraded.close()
+        engine.dispose()
+
+
 def test_sqlite_runs_in_wal_mode_and_waits_for_its_lock_in_short_slices(sqlite_store):
     sqlite_store.add("x", 1)
     with sqlite_store._connection() as connection:

@@ -57,11 +57,19 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def expiries_to_milliseconds() -> list[Any]:
-    """The statements that turn expiries written in seconds into milliseconds; a row already in
-    milliseconds is left alone, so they may run any number of times, from several processes."""
+def expiries_in_seconds() -> list[tuple[Any, Any]]:
+    """For each table, a query that finds a row whose expiry was written in seconds, and the update
+    that turns such expiries into milliseconds.  A row already in milliseconds is left alone, so the
+    update may run any number of times, from several processes; the query only reads, so that a
+    store that finds nothing to convert (every start but the first after an upgrade) takes no lock
+    that writers wait for."""
     return [
-        update(table).where(table.c.expires_at < SECONDS_BELOW).values(expires_at=table.c.expires_at * 1000)
+        (
+            select(table.c.expires_at).where(table.c.expires_at < SECONDS_BELOW).limit(1),
+            update(table)
+            .where(table.c.expires_at < SECONDS_BELOW)
+            .values(expires_at=table.c.expires_at * 1000),
+        )
         for table in (counters_table, values_table)
     ]
 

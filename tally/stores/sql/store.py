@@ -39,7 +39,7 @@ from .connections import (
     take_warnings,
 )
 from .engines import CALL_DEADLINE, DEFAULT_DATABASE_URI, database_uri, postgresql_engine, sqlite_engine
-from .schema import MAX_PREFIX, READS, expiries_to_milliseconds, metadata, now_ms, statements
+from .schema import MAX_PREFIX, READS, expiries_in_seconds, metadata, now_ms, statements
 
 SQLITE_BUSY, SQLITE_LOCKED = 5, 6
 
@@ -357,8 +357,9 @@ class SqlCounterStore(CounterStore, SchemaSupport, WindowSupport):
             try:
                 with self._connection(write=True) as connection:
                     metadata.create_all(connection, checkfirst=True)
-                    for statement in expiries_to_milliseconds():
-                        connection.execute(statement)
+                    for find, convert in expiries_in_seconds():
+                        if connection.execute(find).first() is not None:
+                            connection.execute(convert)
                 return
             except StoreUnavailable as error:
                 if attempt == 2 or not isinstance(error.__cause__, exc.DBAPIError):
