@@ -8,8 +8,8 @@ while the shared hit count rises for both; with JavaScript (in place) and withou
 from __future__ import annotations
 
 import os
-import tempfile
 import shutil
+import tempfile
 
 import pytest
 
