@@ -86,7 +86,8 @@ test: $(VENV)/.test servers
 # The suite in a venv of its own on the newest releases pyproject.toml's ranges admit today.
 test-latest: $(UV) servers
 	$(UV) venv -q --allow-existing --python $(PYTHON) .venv-latest
-	$(UV) pip install -q --python .venv-latest/bin/python --upgrade -r requirements/tools.in -e '.[$(ALL_EXTRAS)]'
+	mkdir -p $(VENV)/tmp && TMPDIR=$(CURDIR)/$(VENV)/tmp $(UV) pip install -q --python .venv-latest/bin/python \
+		--upgrade -r requirements/tools.in -e '.[$(ALL_EXTRAS)]'
 	.venv-latest/bin/python -m pytest $(PYTEST_ARGS)
 
 # The suite on the lowest versions pyproject.toml's ranges allow for every direct dependency of the
