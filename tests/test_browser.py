@@ -15,7 +15,8 @@ import pytest
 
 from tests.conftest import settings_env
 
-pytestmark = pytest.mark.slow
+# Two browsers clicking: exact numbers on the page, nothing timed; beside the load tests.
+pytestmark = [pytest.mark.slow, pytest.mark.light]
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

@@ -119,6 +119,8 @@ def _get(server: Gunicorn, path: str, cookie: str | None = None, method: str = "
         connection.close()
 
 
+# One browser, one request at a time: exact answers, nothing timed; it runs beside the load tests.
+@pytest.mark.light
 @pytest.mark.parametrize(
     "backend, session_backend",
     [("filesystem", "cookie"), ("filesystem", "server"), ("redis", "server"), ("memcached", "server")],

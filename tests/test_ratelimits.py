@@ -333,6 +333,7 @@ def limited_env(settings: dict, **extra: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.light  # 120 requests, exact counts, nothing timed: beside the load tests
 @pytest.mark.parametrize("backend", matrix(SHARED_BACKENDS, "memcached", "sqlite", "redis"))
 def test_a_limit_holds_across_gunicorn_workers(serve, store_settings, backend):
     server = serve(limited_env(store_settings(backend)), workers=4, threads=4)
@@ -343,6 +344,7 @@ def test_a_limit_holds_across_gunicorn_workers(serve, store_settings, backend):
 
 
 @pytest.mark.slow
+@pytest.mark.light
 def test_a_limit_per_worker_fails_the_same_test(serve, store_settings):
     """The naive variant (RATELIMIT_STORAGE_URI = memory://, still honoured): each worker allows 20."""
     env = limited_env(store_settings("filesystem"), FLASK_RATELIMIT_STORAGE_URI="memory://")

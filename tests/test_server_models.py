@@ -70,6 +70,7 @@ CELLS = (
 )
 
 
+@pytest.mark.light  # 20 clients x 10 requests on a development server, exact values, nothing timed
 @pytest.mark.parametrize("backend, model", CELLS)
 def test_every_server_model_stays_exact_on_shared_stores(dev_server, store_settings, backend, model):
     server = dev_server(settings_env(store_settings(backend)), model)
