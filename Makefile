@@ -97,7 +97,8 @@ test-oldest: $(UV) servers
 	grep -E '^($(TOOLS))==' requirements/dev.txt > .venv-oldest/tools.txt
 	$(UV) pip compile $(LOCK_OPTIONS) --resolution lowest-direct --override .venv-oldest/tools.txt \
 		pyproject.toml requirements/tools.in --all-extras -o .venv-oldest/requirements.txt
-	$(UV) pip sync -q --python .venv-oldest/bin/python .venv-oldest/requirements.txt
+	mkdir -p $(VENV)/tmp && TMPDIR=$(CURDIR)/$(VENV)/tmp \
+		$(UV) pip sync -q --python .venv-oldest/bin/python .venv-oldest/requirements.txt
 	$(call INSTALL_SELF,.venv-oldest/bin/python)
 	@# The annotations are checked on the lock and the newest releases (older redis-py ships others).
 	.venv-oldest/bin/python -m pytest $(PYTEST_ARGS) --deselect tests/test_types.py

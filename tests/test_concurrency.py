@@ -61,6 +61,7 @@ def test_gunicorn_workers_and_threads_return_every_value_once(store_server, back
     assert report.exact(start=0)
 
 
+@pytest.mark.light  # exact values, nothing timed: beside the load tests
 @pytest.mark.parametrize("backend", matrix(SHARED_BACKENDS, "filesystem", "redis", "postgresql"))
 def test_two_app_instances_on_one_store_return_every_value_once(serve, store_settings, backend):
     env = settings_env(store_settings(backend))
