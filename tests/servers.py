@@ -363,7 +363,10 @@ class Gunicorn(Server):
         os.makedirs(self.instance_path, exist_ok=True)
         self.log_path = os.path.join(self.instance_path, f"gunicorn-{self.port}.log")
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command(), cwd=ROOT, env=env, stdout=log, stderr=log)
+            # A session of its own: its workers form one process group, stopped together with it.
+            self.process = subprocess.Popen(
+                self.command(), cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True
+            )
         wait_for_port(self.port, self.process, timeout=30)
         self.wait_ready()
         return self
@@ -386,6 +389,8 @@ class Gunicorn(Server):
         the graceful stop send SIGTERM themselves."""
         if self.process is not None:
             stop_process(self.process, signum=self.stop_signal)
+            with contextlib.suppress(ProcessLookupError):  # a worker that outlived its master (seen)
+                os.killpg(self.process.pid, signal.SIGKILL)
         if self._own_instance:
             shutil.rmtree(self.instance_path, ignore_errors=True)
 

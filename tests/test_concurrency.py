@@ -192,6 +192,7 @@ def member_body(client: int, request: int) -> bytes:
 ALL_MEMBERS = sorted(f"client{c}-{r}" for c in range(CLIENTS) for r in range(20))
 
 
+@pytest.mark.light  # every member kept: exact, nothing timed, beside the load tests
 @pytest.mark.parametrize("backend", matrix(SHARED_BACKENDS, "memcached", "sqlite", "redis-cluster"))
 def test_a_shared_set_keeps_every_member_under_concurrent_adds(store_server, backend):
     server = store_server
@@ -213,6 +214,7 @@ def test_a_shared_set_keeps_every_member_under_concurrent_adds(store_server, bac
 STRESS_ROUNDS = int(os.environ.get("TALLY_STRESS_ROUNDS", "1"))
 
 
+@pytest.mark.light  # every acknowledged add kept: exact, nothing timed
 @pytest.mark.parametrize("round_", range(STRESS_ROUNDS))
 @pytest.mark.parametrize("backend", matrix(SHARED_BACKENDS, "filesystem", "redis-sentinel", "manager"))
 def test_a_shared_set_keeps_every_acknowledged_add_from_keep_alive_clients(
@@ -239,6 +241,7 @@ def test_a_shared_set_keeps_every_acknowledged_add_from_keep_alive_clients(
     assert status == 200 and json.loads(body)["value"] == ALL_MEMBERS
 
 
+@pytest.mark.light  # the naive variant: it must lose members, which load beside it only helps
 def test_a_naive_get_then_set_loses_members(serve, tmp_path):
     env = {"NAIVE_CACHE_DIR": str(tmp_path / "naive-cache")}
     server = serve(env, workers=4, threads=8, app="naive_app:app", use_project_config=False)

@@ -316,6 +316,7 @@ def test_an_unreachable_postgresql_is_a_quick_store_unavailable(own_postgres):
 
 
 @pytest.mark.slow
+@pytest.mark.light  # the naive variant: it must repeat numbers, which load beside it only helps
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_a_naive_select_then_update_hands_out_numbers_twice(serve, tmp_path, request, database):
     """The check catches the race on a database too: SELECT, add one, UPDATE under gunicorn 4x8."""
