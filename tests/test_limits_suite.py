@@ -25,6 +25,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -63,16 +64,35 @@ def limits_tests(tmp_path_factory) -> Path:
     with tarfile.open(fileobj=io.BytesIO(download_sdist(version))) as archive:
         archive.extractall(root, filter="data")
     source = root / f"limits-{version}"
+    if not all((source / "tests" / name).exists() for name in ("utils.py", "test_strategy.py")):
+        pytest.skip(f"the sdist of limits {version} ships no whole test suite (5.0.0's, for one)")
     (source / "tests" / "conftest.py").write_text((HERE / "limits_suite_conftest.py").read_text())
+    markers, warnings = limits_pytest_settings(source)
+    markers += ["flaky: limits reruns these elsewhere; here a flake is a failure", "asyncio: left out here"]
     ini = configparser.ConfigParser(interpolation=None)
-    ini.read(source / "pytest.ini")
-    for option in ("addopts", "asyncio_mode"):  # pytest-cov and pytest-asyncio are not installed here
-        ini.remove_option("pytest", option)
-    ini["pytest"]["markers"] += "\nflaky: limits reruns these elsewhere; here a flake is a failure"
-    ini["pytest"]["markers"] += "\nasyncio: limits' asyncio tests, left out here"
-    with open(source / "pytest.ini", "w") as out:
+    ini["pytest"] = {"markers": "\n".join(markers), "filterwarnings": "\n".join(warnings)}
+    with open(source / "pytest.ini", "w") as out:  # over pyproject.toml's, where a release keeps it
         ini.write(out)
     return source
+
+
+def limits_pytest_settings(source: Path) -> tuple[list[str], list[str]]:
+    """The markers and warning filters of limits' own pytest settings (pytest.ini, setup.cfg or
+    pyproject.toml, as the release keeps them); the rest (coverage, asyncio, reruns: plugins not
+    installed here) is left."""
+    options: dict = {}
+    for name, section in (("pytest.ini", "pytest"), ("setup.cfg", "tool:pytest")):
+        ini = configparser.ConfigParser(interpolation=None)
+        ini.read(source / name)
+        if ini.has_section(section):
+            options = {
+                key: [line for line in value.splitlines() if line] for key, value in ini[section].items()
+            }
+            break
+    else:
+        pyproject = tomllib.loads((source / "pyproject.toml").read_text())
+        options = pyproject.get("tool", {}).get("pytest", {}).get("ini_options", {})
+    return list(options.get("markers", [])), list(options.get("filterwarnings", []))
 
 
 def start_run(source: Path, variant: str, settings: dict, basetemp: Path) -> subprocess.Popen:
@@ -84,7 +104,8 @@ def start_run(source: Path, variant: str, settings: dict, basetemp: Path) -> sub
     }
     env.pop("PYTEST_XDIST_WORKER", None)
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q", "-rfEs"]
-    command += [f"--basetemp={basetemp}", *SUITE]
+    shipped = [part for part in SUITE if (source / part.split("::")[0]).exists()]  # older sdists ship fewer
+    command += [f"--basetemp={basetemp}", *shipped]
     return subprocess.Popen(
         command,
         cwd=source,
@@ -144,6 +165,6 @@ def judge(variant: str, run: subprocess.Popen) -> str | None:
         return f"{variant}: no result within {RUN_TIMEOUT} s"
     counts, skipped = outcome(output)
     unexpected = [line for line in skipped if not any(reason in line for reason in DECLINED.values())]
-    if run.returncode != 0 or counts.get("passed", 0) < 25 or unexpected:
+    if run.returncode != 0 or counts.get("passed", 0) < 15 or unexpected:  # test_strategy.py alone: 18
         return f"{variant}: exit {run.returncode}, {counts}\n{output[-6000:]}"
     return None
