@@ -68,7 +68,7 @@ def limits_tests(tmp_path_factory) -> Path:
         pytest.skip(f"the sdist of limits {version} ships no whole test suite (5.0.0's, for one)")
     (source / "tests" / "conftest.py").write_text((HERE / "limits_suite_conftest.py").read_text())
     markers, warnings = limits_pytest_settings(source)
-    markers += ["flaky: limits reruns these elsewhere; here a flake is a failure", "asyncio: left out here"]
+    markers += ["flaky: limits' own mark: run again on failure, up to max_runs", "asyncio: left out here"]
     ini = configparser.ConfigParser(interpolation=None)
     ini["pytest"] = {"markers": "\n".join(markers), "filterwarnings": "\n".join(warnings)}
     with open(source / "pytest.ini", "w") as out:  # over pyproject.toml's, where a release keeps it
